@@ -1,0 +1,19 @@
+"""sparsa: make transformer models sparse, and measure what that buys.
+
+The verbs mirror the CLI::
+
+    import sparsa
+    lm = sparsa.load_model()                       # the embedded SmolLM2-135M-Instruct
+    before = sparsa.evaluate(lm)                   # perplexity on the shipped text
+    sparsa.prune(lm, sparsa.PruneConfig(method="wanda", sparsity=0.5))
+    after = sparsa.evaluate(lm)
+    sparsa.save(lm, "smollm2-wanda50")
+"""
+
+__version__ = "0.1.0"
+
+from .api import evaluate, inspect, load_model, prune, save  # noqa: E402
+from .errors import SparsaError  # noqa: E402
+from .prune.config import PruneConfig  # noqa: E402
+
+__all__ = ["PruneConfig", "SparsaError", "__version__", "evaluate", "inspect", "load_model", "prune", "save"]

@@ -1,0 +1,74 @@
+"""What every benchmark records: where it ran, with what, when, and which goals it met.
+
+Goals are computed from measurements, never typed in: ``goal("load+eval s",
+measured=41.2, target=60, better="lower")``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "versions": {
+            "sparsa": __version__,
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    }
+    if torch.cuda.is_available():
+        env["device"] = torch.cuda.get_device_name()
+        env["versions"]["cuda"] = torch.version.cuda
+        try:
+            import triton
+
+            env["versions"]["triton"] = triton.__version__
+        except ImportError:
+            pass
+        env["versions"]["cusparselt"] = str(getattr(torch.backends.cusparselt, "version", lambda: None)())
+    else:
+        env["device"] = f"CPU ({os.cpu_count()} cores)"
+    return env
+
+
+def goal(name: str, measured: float, target: float, better: str = "lower") -> dict:
+    """One goal, met or not, from a measured number."""
+    if better not in ("lower", "higher"):
+        raise ValueError("better is 'lower' or 'higher'")
+    met = measured <= target if better == "lower" else measured >= target
+    return {"name": name, "measured": measured, "target": target, "better": better, "met": bool(met)}
+
+
+def write_results(name: str, payload: dict, goals: list[dict], directory: Path | None = None) -> Path:
+    """Save ``benchmarks/results/NAME.json`` atomically, with environment and goals."""
+    from .models.saving import atomic_write_text
+
+    path = (directory or RESULTS) / f"{name}.json"
+    document = {"benchmark": name, **environment(), "goals": goals, **payload}
+    atomic_write_text(path, json.dumps(document, indent=2, default=str) + "\n")
+    return path
+
+
+def print_goals(goals: list[dict]) -> None:
+    for g in goals:
+        mark = "met" if g["met"] else "NOT met"
+        cmp = "<=" if g["better"] == "lower" else ">="
+        print(f"  goal {g['name']}: measured {g['measured']:.4g} {cmp} target {g['target']:.4g}: {mark}")

@@ -1,0 +1,270 @@
+"""The ``sparsa`` command line. Thin: it parses flags, calls sparsa.api, prints tables.
+
+Every user-fixable problem becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from .errors import InputError, SparsaError
+
+EPILOG_PRUNE = """\
+examples:
+  sparsa prune                                   # Wanda 50% on the embedded SmolLM2-135M, before/after table
+  sparsa prune --method sparsegpt --pattern 2:4 --out smol-24
+  sparsa prune ./my-llama --method dsnot --sparsity 0.7 --owl --out llama-70
+  sparsa prune --pattern structured --sparsity 0.3 --heads 0.25 --out smol-small
+  sparsa prune --checkpoint-dir ckpt --out smol-24 --pattern 2:4   # interrupted? add --resume
+
+methods: magnitude (no data), wanda (|W|*||x||), sparsegpt (OBS weight updates),
+dsnot (refines another method's mask; --dsnot-base). --owl gives layers with
+more activation outliers a smaller share of the sparsity, keeping the average.
+"""
+
+EPILOG_EVAL = """\
+examples:
+  sparsa eval                                    # perplexity of the default model on the shipped text
+  sparsa eval smol-24 --max-tokens 0             # the whole evaluation corpus
+  sparsa eval smol-24 --text notes.txt --seq-len 512
+  sparsa eval smol-24 --tasks hellaswag --limit 100            # lm-evaluation-harness, when its data is available
+  sparsa eval smol-24 --tasks my_task --include-path ./tasks   # your own task YAML
+"""
+
+EPILOG_INSPECT = """\
+examples:
+  sparsa inspect smol-24            # global sparsity, detected pattern, zero parameters
+  sparsa inspect smol-24 --layers   # one row per linear layer
+  sparsa inspect smol-24 --json     # the same as JSON
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line naming the fix, not a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise InputError(f"{message} (see: {self.prog} --help)")
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give a fraction such as 0.5") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1); give a fraction such as 0.5")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be at least 1")
+    return value
+
+
+def _tokens(text: str) -> int:
+    value = _positive(text) if text != "0" else 0
+    return value
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None, help="HF model directory, .gguf file or hub id (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weights dtype (auto: float32 on CPU, bfloat16 on GPU)")
+
+
+def _eval_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    p.add_argument(f"--{prefix}text", default="evaluation", help="'evaluation' (shipped), a .txt/.jsonl file or hf:NAME:SPLIT (default: evaluation)")
+    p.add_argument(f"--{prefix}seq-len", type=_positive, default=1024, help="tokens per non-overlapping window (default: 1024)")
+    p.add_argument(f"--{prefix}max-tokens", type=_tokens, default=20480, help="evaluate at most this many tokens; 0 for all (default: 20480)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .prune.base import METHODS
+
+    parser = _Parser(prog="sparsa", description="Make transformer models sparse, and measure what that buys.")
+    parser.add_argument("--version", action="version", version=f"sparsa {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("prune", help="prune a model one-shot and compare perplexity before/after", description="Prune a causal LM one-shot, layer by layer, on calibration text; evaluate before and after; optionally save.", epilog=EPILOG_PRUNE, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_arg(p)
+    p.add_argument("--method", default="wanda", choices=METHODS.names(), help="pruning method (default: wanda)")
+    p.add_argument("--sparsity", type=_unit_interval, default=0.5, help="fraction of weights removed, in [0, 1) (default: 0.5; N:M patterns imply their own)")
+    p.add_argument("--pattern", default="unstructured", help="unstructured, N:M along the input dim (2:4, 4:8, 1:4 ...) or structured (default: unstructured)")
+    p.add_argument("--heads", type=_unit_interval, default=0.0, help="with --pattern structured: fraction of attention KV-head groups removed (default: 0)")
+    p.add_argument("--owl", action="store_true", help="outlier-weighted layerwise budgets (the average still meets --sparsity)")
+    p.add_argument("--skip", nargs="*", default=["lm_head"], metavar="NAME", help="linears left dense: exact names, suffixes (down_proj) or globs (model.layers.0.*)")
+    p.add_argument("--calibration", default="shipped", help="calibration text: shipped, a .txt/.jsonl file or hf:NAME:SPLIT (default: shipped)")
+    p.add_argument("--samples", type=_positive, default=64, help="calibration sequences (default: 64)")
+    p.add_argument("--seq-len", type=_positive, default=512, help="tokens per calibration sequence (default: 512)")
+    p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration samples (default: 0)")
+    p.add_argument("--dsnot-base", default="wanda", help="with --method dsnot: the method whose mask DSnoT refines (default: wanda)")
+    p.add_argument("--compute-device", default=None, help="device that runs each layer while the model stays on --device (e.g. cuda with --device cpu)")
+    p.add_argument("--checkpoint-dir", default=None, help="write a checkpoint after each layer here")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from --checkpoint-dir")
+    p.add_argument("--out", default=None, help="save the pruned model here (HF directory + sparsa.json)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
+    _eval_args(p, "eval-")
+
+    p = sub.add_parser("eval", help="perplexity on text, or lm-evaluation-harness tasks", description="Evaluate a model: perplexity over non-overlapping windows of a text, or lm-evaluation-harness tasks.", epilog=EPILOG_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_arg(p)
+    _eval_args(p)
+    p.add_argument("--tasks", default=None, help="comma-separated lm-evaluation-harness tasks instead of perplexity")
+    p.add_argument("--include-path", default=None, help="a folder of lm-eval task YAML files")
+    p.add_argument("--limit", type=_positive, default=None, help="at most this many examples per task")
+    p.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
+
+    p = sub.add_parser("inspect", help="sparsity per layer, detected pattern, zero parameters", description="Report a model's architecture, parameter count, global and per-layer sparsity and the sparsity pattern each layer follows.", epilog=EPILOG_INSPECT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_arg(p)
+    p.add_argument("--layers", action="store_true", help="one row per linear layer")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    return parser
+
+
+# -- commands ----------------------------------------------------------------------------
+
+def _load(args):
+    from .api import load_model
+
+    _say(f"loading {args.model or 'the default model (SmolLM2-135M-Instruct)'} ...")
+    lm = load_model(args.model, device=args.device, dtype=args.dtype)
+    _say(lm.info.summary())
+    return lm
+
+
+def cmd_prune(args) -> int:
+    from .api import evaluate, inspect
+    from .models import check_output, save_model
+    from .prune.config import PruneConfig
+    from .prune.pipeline import prune_model
+
+    config = PruneConfig(
+        method=args.method, sparsity=args.sparsity, pattern=args.pattern, calibration=args.calibration,
+        n_samples=args.samples, seq_len=args.seq_len, seed=args.seed, skip=tuple(args.skip), owl=args.owl,
+        head_sparsity=args.heads, dsnot_base=args.dsnot_base,
+    )
+    if args.out:
+        check_output(args.out, args.force)  # fail now, not after the work
+    lm = _load(args)
+    rows = []
+    evaluate_kw = dict(seq_len=args.eval_seq_len, max_tokens=args.eval_max_tokens or None)
+    if not args.no_eval:
+        before = evaluate(lm, args.eval_text, **evaluate_kw)
+        rows.append(("dense", inspect(lm), before))
+    record = prune_model(lm, config, device=args.compute_device, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+    _say(f"pruned in {record['seconds']:.1f} s")
+    if not args.no_eval:
+        after = evaluate(lm, args.eval_text, **evaluate_kw)
+        rows.append((f"{config.method} {config.pattern}", inspect(lm), after))
+        lm.record["pruning"]["evaluation"] = {"text": args.eval_text, "before": rows[0][2].to_dict(), "after": after.to_dict()}
+        _table_before_after(lm.info.name, rows)
+    else:
+        report = inspect(lm)
+        print(f"{lm.info.name}: {config.method} {config.pattern}: linear sparsity {report.linear_sparsity:.3f}, pattern {report.pattern}")
+    if args.out:
+        out = save_model(lm.model, lm.tokenizer, args.out, {"source": lm.source, **lm.record}, force=args.force)
+        _say(f"saved to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .api import evaluate, evaluate_tasks
+
+    lm = _load(args)
+    if args.tasks:
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        results = evaluate_tasks(lm, tasks, include_path=args.include_path, limit=args.limit)
+        _table("lm-eval", ["task", "metric", "value"], [(t, m, f"{v:.4f}") for t, ms in results.items() for m, v in ms.items()])
+    else:
+        result = evaluate(lm, args.text, seq_len=args.seq_len, max_tokens=args.max_tokens or None)
+        results = {"perplexity": result.to_dict()}
+        _table("perplexity", ["model", "text", "perplexity", "tokens", "windows x len"], [(lm.info.name, args.text, f"{result.perplexity:.3f}", str(result.tokens), f"{result.windows} x {result.seq_len}")])
+    if args.json_out:
+        from .models import atomic_write_text
+
+        atomic_write_text(args.json_out, json.dumps({"model": lm.source, "results": results}, indent=2) + "\n")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .api import inspect
+
+    lm = _load(args)
+    report = inspect(lm)
+    if args.json:
+        print(json.dumps({"model": lm.info.__dict__, "record": lm.record, **report.to_dict()}, indent=2, default=str))
+        return 0
+    _table("model", ["name", "architecture", "parameters", "zero parameters", "linear sparsity", "pattern"], [
+        (lm.info.name, lm.info.architecture, f"{report.parameters:,}", f"{report.zero_parameters:,}", f"{report.linear_sparsity:.4f}", report.pattern)
+    ])
+    if args.layers:
+        _table("layers", ["layer", "shape", "sparsity", "pattern"], [(l.name, "x".join(map(str, l.shape)), f"{l.sparsity:.4f}", l.pattern) for l in report.layers])
+    pruning = lm.record.get("pruning")
+    if pruning:
+        print(f"recorded: {pruning['method']} {pruning['pattern']} at {pruning['sparsity']:g}, calibrated on {pruning['calibration']['source']} ({pruning['calibration']['tokens']} tokens)")
+    return 0
+
+
+# -- output ----------------------------------------------------------------------------
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _table(title: str, columns: list[str], rows: list[tuple]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for c in columns:
+        table.add_column(c)
+    for r in rows:
+        table.add_row(*map(str, r))
+    Console().print(table)
+
+
+def _table_before_after(name: str, rows) -> None:
+    base = rows[0][2].perplexity
+    _table(f"{name}: perplexity on the evaluation text", ["model", "linear sparsity", "pattern", "perplexity", "vs dense", "tokens"], [
+        (label, f"{report.linear_sparsity:.3f}", report.pattern, f"{ppl.perplexity:.3f}", f"{ppl.perplexity / base:.2f}x", str(ppl.tokens))
+        for label, report, ppl in rows
+    ])
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "inspect": cmd_inspect}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        return COMMANDS[args.command](args)
+    except SparsaError as e:
+        print(f"sparsa: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("sparsa: interrupted (a run with --checkpoint-dir continues with --resume)", file=sys.stderr)
+        return 130
+    except Exception as e:  # never a traceback for the user, unless asked
+        if os.environ.get("SPARSA_DEBUG"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"sparsa: internal error: {type(e).__name__}: {first} (rerun with SPARSA_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Calibration samples: N sequences of L tokens drawn from a text, reproducibly."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import DataError
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one 1-D tensor of token ids (no special tokens added)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_samples(tokenizer, text: str, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """``n_samples`` windows of ``seq_len`` tokens at seeded random offsets: a [N, L] tensor.
+
+    The same text, tokenizer, sizes and seed always give the same tensor.
+    """
+    ids = tokenize(tokenizer, text)
+    if len(ids) < seq_len + 1:
+        raise DataError(
+            f"calibration text has {len(ids)} tokens, fewer than one sample of {seq_len}; "
+            "pass a longer text or a smaller --seq-len"
+        )
+    needed = n_samples * seq_len
+    if needed > len(ids) * 4:
+        raise DataError(
+            f"{n_samples} samples of {seq_len} tokens need {needed} tokens but the text has {len(ids)}; "
+            "pass a longer text or fewer --samples"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(ids) - seq_len, (n_samples,), generator=generator)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

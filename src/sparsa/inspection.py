@@ -1,0 +1,88 @@
+"""What a model's weights actually are: sparsity per layer and the pattern it follows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from .models import count_parameters, linear_layers
+
+NM_GROUPS = (4, 8, 16)
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    name: str
+    shape: tuple[int, int]
+    zeros: int
+    total: int
+    pattern: str  # "dense", "N:M", "structured (rows|columns)" or "unstructured"
+
+    @property
+    def sparsity(self) -> float:
+        return self.zeros / self.total
+
+
+@dataclass(frozen=True)
+class SparsityReport:
+    layers: list[LayerSparsity]
+    parameters: int  # every parameter of the model, counted once
+    zero_parameters: int  # of those, how many are exactly zero
+
+    @property
+    def linear_sparsity(self) -> float:
+        total = sum(layer.total for layer in self.layers)
+        return sum(layer.zeros for layer in self.layers) / max(total, 1)
+
+    @property
+    def pattern(self) -> str:
+        """The model's pattern: the one its sparse layers share, or 'mixed'."""
+        found = {layer.pattern for layer in self.layers if layer.pattern != "dense"}
+        return found.pop() if len(found) == 1 else ("dense" if not found else "mixed")
+
+    def to_dict(self) -> dict:
+        return {
+            "parameters": self.parameters,
+            "zero_parameters": self.zero_parameters,
+            "linear_sparsity": self.linear_sparsity,
+            "pattern": self.pattern,
+            "layers": [
+                {"name": l.name, "shape": list(l.shape), "sparsity": l.sparsity, "pattern": l.pattern} for l in self.layers
+            ],
+        }
+
+
+def detect_pattern(weight: torch.Tensor) -> str:
+    """Name the pattern of a 2-D weight's zeros."""
+    nonzero = weight != 0
+    zeros = int((~nonzero).sum())
+    if zeros == 0:
+        return "dense"
+    rows, cols = weight.shape
+    zero_rows = int((~nonzero.any(dim=1)).sum()) * cols
+    zero_cols = int((~nonzero.any(dim=0)).sum()) * rows
+    if zero_rows == zeros:
+        return "structured (rows)"
+    if zero_cols == zeros:
+        return "structured (columns)"
+    density = 1 - zeros / weight.numel()
+    for m in NM_GROUPS:
+        if cols % m:
+            continue
+        n = int(nonzero.view(rows, cols // m, m).sum(dim=2).max())
+        if n < m and abs(density - n / m) < 0.01:
+            return f"{n}:{m}"
+    return "unstructured"
+
+
+@torch.no_grad()
+def sparsity_report(model: nn.Module) -> SparsityReport:
+    layers = [
+        LayerSparsity(name, tuple(m.weight.shape), int((m.weight == 0).sum()), m.weight.numel(), detect_pattern(m.weight))
+        for name, m in linear_layers(model).items()
+    ]
+    unique = {id(p): p for p in model.parameters()}.values()
+    zero_parameters = sum(int((p == 0).sum()) for p in unique)
+    return SparsityReport(layers, count_parameters(model), zero_parameters)

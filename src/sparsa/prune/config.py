@@ -1,0 +1,78 @@
+"""What a pruning run is asked to do: one frozen, validated record.
+
+The same record is written to ``sparsa.json`` beside a pruned model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from ..errors import InputError, require
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: str = "wanda"
+    sparsity: float = 0.5
+    pattern: str = "unstructured"  # "unstructured", "N:M" such as "2:4", or "structured"
+    # calibration
+    calibration: str = "shipped"  # "shipped", a text/JSONL path, or "hf:NAME[:CONFIG]:SPLIT"
+    n_samples: int = 64
+    seq_len: int = 512
+    seed: int = 0
+    skip: tuple[str, ...] = ("lm_head",)
+    # structured pruning: fraction of attention KV-head groups removed (FFN channels use ``sparsity``)
+    head_sparsity: float = 0.0
+    # outlier-weighted layerwise budgets (OWL), usable with any method
+    owl: bool = False
+    owl_lambda: float = 0.08
+    owl_threshold: float = 5.0
+    # SparseGPT
+    blocksize: int = 128
+    damp: float = 0.01
+    # DSnoT: a base method's mask refined by grow/prune swaps
+    dsnot_base: str = "wanda"
+    dsnot_cycles: int = 50
+    dsnot_threshold: float = 0.1
+
+    def __post_init__(self) -> None:
+        require(
+            isinstance(self.sparsity, (int, float)) and not math.isnan(self.sparsity) and 0 <= self.sparsity < 1,
+            f"sparsity must be in [0, 1), got {self.sparsity}; pass e.g. --sparsity 0.5 for half the weights",
+        )
+        require(self.n_samples >= 1, f"n_samples must be at least 1, got {self.n_samples}")
+        require(self.seq_len >= 8, f"seq_len must be at least 8 tokens, got {self.seq_len}")
+        require(self.blocksize >= 1, f"blocksize must be positive, got {self.blocksize}")
+        require(self.damp > 0, f"damp must be positive, got {self.damp}")
+        require(0 <= self.head_sparsity < 1, f"head_sparsity must be in [0, 1), got {self.head_sparsity}")
+        require(0 < self.owl_lambda < 1, f"owl_lambda must be in (0, 1), got {self.owl_lambda}")
+        if isinstance(self.skip, list):  # accept lists from callers, store a tuple
+            object.__setattr__(self, "skip", tuple(self.skip))
+        if self.pattern not in ("unstructured", "structured"):
+            n, m = parse_nm(self.pattern)
+            if self.sparsity == 0.5 or self.sparsity == 0:
+                object.__setattr__(self, "sparsity", 1 - n / m)
+            require(
+                abs(self.sparsity - (1 - n / m)) < 1e-9,
+                f"pattern {self.pattern} means sparsity {1 - n / m:g}, not {self.sparsity:g}; "
+                "drop --sparsity or make them agree",
+            )
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """(N, M) for an N:M pattern, else None."""
+        return None if self.pattern in ("unstructured", "structured") else parse_nm(self.pattern)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_nm(text: str) -> tuple[int, int]:
+    """Parse 'N:M' (keep N of every M consecutive weights along the input dimension)."""
+    parts = text.split(":")
+    ok = len(parts) == 2 and all(p.strip().isdigit() for p in parts)
+    require(ok, f"pattern {text!r} is not understood; use 'unstructured', 'structured' or N:M such as 2:4")
+    n, m = int(parts[0]), int(parts[1])
+    require(0 < n < m, f"pattern {text!r} needs 0 < N < M, e.g. 2:4 keeps 2 of every 4 weights")
+    return n, m

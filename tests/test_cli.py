@@ -1,0 +1,129 @@
+"""The CLI: every bad input is one line naming the problem and the fix, exit 2, no traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sparsa.cli import main
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code: int, err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.startswith("sparsa:")]
+    assert code == 2, err
+    assert len(lines) == 1 and lines[0].startswith("sparsa: error: "), err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_nonexistent_path(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "inspect", str(tmp_path / "nope"))
+    assert_one_line_error(code, err, "does not exist", "pass a model directory")
+
+
+def test_file_that_is_not_a_model(capsys, tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    code, _, err = run_cli(capsys, "inspect", str(path))
+    assert_one_line_error(code, err, "is not a model")
+
+
+def test_directory_without_config(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "eval", str(tmp_path))
+    assert_one_line_error(code, err, "no config.json")
+
+
+def test_unsupported_architecture(capsys, tmp_path, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path)
+    code, _, err = run_cli(capsys, "inspect", str(tmp_path))
+    assert_one_line_error(code, err, "unsupported architecture 'gpt2'", "llama")
+
+
+def test_not_a_causal_lm(capsys, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=100)).save_pretrained(tmp_path)
+    code, _, err = run_cli(capsys, "inspect", str(tmp_path))
+    assert_one_line_error(code, err, "not a causal language model")
+
+
+def test_corrupt_gguf(capsys, tmp_path):
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF" + os.urandom(2000))
+    code, _, err = run_cli(capsys, "inspect", str(path))
+    assert_one_line_error(code, err, "cannot read GGUF file")
+    path.write_bytes(b"JUNK" + os.urandom(100))
+    code, _, err = run_cli(capsys, "inspect", str(path))
+    assert_one_line_error(code, err, "not a GGUF file")
+
+
+def test_corrupt_safetensors(capsys, tmp_path, tiny_dir):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code, _, err = run_cli(capsys, "inspect", str(broken))
+    assert_one_line_error(code, err, "corrupt")
+
+
+def test_empty_and_short_text(capsys, tmp_path, tiny_dir):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("just a few words")
+    code, _, err = run_cli(capsys, "eval", str(tiny_dir), "--text", str(tmp_path / "empty.txt"))
+    assert_one_line_error(code, err, "no text")
+    code, _, err = run_cli(capsys, "eval", str(tiny_dir), "--text", str(tmp_path / "short.txt"))
+    assert_one_line_error(code, err, "too short")
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["prune", "--sparsity", "1.5"], "outside [0, 1)"),
+        (["prune", "--sparsity", "-0.1"], "outside [0, 1)"),
+        (["prune", "--sparsity", "half"], "not a number"),
+        (["prune", "--samples", "0"], "at least 1"),
+        (["prune", "--method", "bogus"], "invalid choice"),
+        (["eval", "--seq-len", "x"], "not a whole number"),
+        (["inspect", "--dtype", "int3"], "invalid choice"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
+def test_bad_flag_values(capsys, argv, needle):
+    code, _, err = run_cli(capsys, *argv)
+    assert_one_line_error(code, err, needle, "--help")
+
+
+def test_inspect_reports_zeros_and_pattern(capsys, tiny_lm, tmp_path):
+    import sparsa
+
+    with torch.no_grad():
+        w = tiny_lm.model.model.layers[1].mlp.up_proj.weight
+        w.view(w.shape[0], -1, 4)[:, :, :2] = 0  # exactly 2:4
+    sparsa.save(tiny_lm, tmp_path / "m")
+    code, out, _ = run_cli(capsys, "inspect", str(tmp_path / "m"), "--json")
+    assert code == 0
+    report = json.loads(out)
+    layer = next(l for l in report["layers"] if l["name"] == "model.layers.1.mlp.up_proj")
+    assert layer["pattern"] == "2:4" and layer["sparsity"] == 0.5
+    assert report["zero_parameters"] == w.numel() // 2
+
+
+def test_console_script_has_teaching_help():
+    out = subprocess.run([sys.executable, "-m", "sparsa.cli", "prune", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "examples:" in out and "--pattern" in out and "2:4" in out
