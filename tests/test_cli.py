@@ -54,9 +54,9 @@ def test_unsupported_architecture(capsys, tmp_path, tokenizer):
 
 
 def test_not_a_causal_lm(capsys, tmp_path):
-    from transformers import BertConfig, BertModel
+    from transformers import DistilBertConfig, DistilBertModel
 
-    BertModel(BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64, vocab_size=100)).save_pretrained(tmp_path)
+    DistilBertModel(DistilBertConfig(n_layers=1, dim=32, n_heads=2, hidden_dim=64, vocab_size=100)).save_pretrained(tmp_path)
     code, _, err = run_cli(capsys, "inspect", str(tmp_path))
     assert_one_line_error(code, err, "not a causal language model")
 
@@ -114,7 +114,9 @@ def test_inspect_reports_zeros_and_pattern(capsys, tiny_lm, tmp_path):
 
     with torch.no_grad():
         w = tiny_lm.model.model.layers[1].mlp.up_proj.weight
-        w.view(w.shape[0], -1, 4)[:, :, :2] = 0  # exactly 2:4
+        groups = w.view(w.shape[0], -1, 4)
+        drop = torch.rand(groups.shape).argsort(dim=-1)[..., :2]  # 2 of every 4, different per group
+        groups.scatter_(-1, drop, 0.0)
     sparsa.save(tiny_lm, tmp_path / "m")
     code, out, _ = run_cli(capsys, "inspect", str(tmp_path / "m"), "--json")
     assert code == 0

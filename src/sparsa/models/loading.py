@@ -158,7 +158,7 @@ def _from_pretrained(directory, torch_dtype: torch.dtype, name: str):
         try:
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
             tokenizer = AutoTokenizer.from_pretrained(directory)
-        except (OSError, ValueError, RuntimeError, KeyError) as e:
+        except Exception as e:  # safetensors, tokenizers and torch each raise their own types on damaged files
             raise ModelError(f"cannot load {name} (is a file corrupt or incomplete?): {_first_line(e)}") from None
     finally:
         quiet.setLevel(level)

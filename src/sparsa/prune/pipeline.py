@@ -34,7 +34,7 @@ from ..models import LoadedModel, adapter_for, atomic_write_text, count_paramete
 from .base import METHODS
 from .config import PruneConfig
 from .owl import outlier_ratio, owl_budgets
-from .patterns import sparsity_of
+from .patterns import require_nm_fits, sparsity_of
 
 
 @dataclass
@@ -60,8 +60,12 @@ def prune_model(
     resume: bool = False,
     progress: bool = True,
     micro_batch: int = 8,
+    samples: torch.Tensor | None = None,
 ) -> dict:
-    """Prune ``lm.model`` in place; returns the record written to sparsa.json."""
+    """Prune ``lm.model`` in place; returns the record written to sparsa.json.
+
+    ``samples`` ([N, L] token ids) replaces the calibration text when given.
+    """
     model = lm.model
     adapter = adapter_for(model)
     layers = adapter.layers(model)
@@ -74,7 +78,7 @@ def prune_model(
     if config.nm:
         _check_nm_divides(targets, config.nm)
 
-    calib = capture(lm, config, device, micro_batch)
+    calib = capture(lm, config, device, micro_batch, samples)
     parameters_before = count_parameters(model)
     if config.pattern == "structured":
         report = _structured(lm, config, calib, device, progress)
@@ -129,24 +133,23 @@ def _check_finite(targets: list[dict[str, nn.Linear]]) -> None:
 
 
 def _check_nm_divides(targets: list[dict[str, nn.Linear]], nm: tuple[int, int]) -> None:
-    n, m = nm
     for linears in targets:
         for name, layer in linears.items():
-            if layer.in_features % m:
-                raise InputError(
-                    f"{name} has {layer.in_features} input features, not divisible by M={m} of {n}:{m}; "
-                    f"choose an M that divides it or --skip {name.rsplit('.', 1)[-1]}"
-                )
+            require_nm_fits(layer.in_features, *nm, name=name)
 
 
 # -- calibration capture ------------------------------------------------------------
 
 @torch.no_grad()
-def capture(lm: LoadedModel, config: PruneConfig, device: str, micro_batch: int = 8) -> Calibration:
+def capture(lm: LoadedModel, config: PruneConfig, device: str, micro_batch: int = 8, samples: torch.Tensor | None = None) -> Calibration:
     """Embed the calibration samples and record every decoder layer's call arguments."""
-    source = "calibration" if config.calibration == "shipped" else config.calibration
-    text = load_text(source)
-    samples = calibration_samples(lm.tokenizer, text, config.n_samples, config.seq_len, config.seed)
+    if samples is None:
+        source = "calibration" if config.calibration == "shipped" else config.calibration
+        text = load_text(source)
+        samples = calibration_samples(lm.tokenizer, text, config.n_samples, config.seq_len, config.seed)
+        digest = hashlib.sha256(text.encode()).hexdigest()
+    else:
+        digest = hashlib.sha256(samples.cpu().numpy().tobytes()).hexdigest()
     model = lm.model
     adapter = adapter_for(model)
     layers = adapter.layers(model)
@@ -180,7 +183,7 @@ def capture(lm: LoadedModel, config: PruneConfig, device: str, micro_batch: int 
         for layer in layers:
             del layer.forward
         _move_back(moved)
-    return Calibration(hidden, layer_kwargs, samples.numel(), hashlib.sha256(text.encode()).hexdigest())
+    return Calibration(hidden, layer_kwargs, samples.numel(), digest)
 
 
 def _move_outside_layers(base: nn.Module, layers: nn.ModuleList, device: str) -> list[tuple[nn.Module, torch.device]]:
@@ -203,11 +206,12 @@ def _move_back(moved: list[tuple[nn.Module, torch.device]]) -> None:
 
 # -- the sequential pass -------------------------------------------------------------
 
-def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-    outs = []
-    for h, kw in zip(hidden, kwargs):
-        out = layer(h, **kw)
-        outs.append(out[0] if isinstance(out, tuple) else out)
+def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], in_place: bool = False) -> list[torch.Tensor]:
+    """The layer's outputs per micro-batch; ``in_place`` reuses ``hidden`` so inputs and outputs never coexist."""
+    outs = hidden if in_place else [None] * len(hidden)
+    for j, kw in enumerate(kwargs):
+        out = layer(hidden[j], **kw)
+        outs[j] = out[0] if isinstance(out, tuple) else out
     return outs
 
 
@@ -248,7 +252,7 @@ def _sequential(lm, config, calib, targets, budgets, device, checkpoint_dir, res
             mask = pruner.prune(sparsity)
             per_layer[name] = sparsity_of(mask)
             pruner.free()
-        hidden = _run_layer(layer, hidden, calib.layer_kwargs[i])
+        hidden = _run_layer(layer, hidden, calib.layer_kwargs[i], in_place=True)
         _check_hidden(hidden, i)
         layer.to(home)
         if state:
@@ -290,7 +294,7 @@ def activation_norms(model, calib: Calibration, names: list[dict[str, nn.Linear]
             sums[name] += x.reshape(-1, x.shape[-1]).double().pow(2).sum(0)
 
         _collect(layer, hidden, calib.layer_kwargs[i], linears, sink)
-        hidden = _run_layer(layer, hidden, calib.layer_kwargs[i])
+        hidden = _run_layer(layer, hidden, calib.layer_kwargs[i], in_place=True)
         layer.to(home)
         result.append({n: s.sqrt().float().cpu() for n, s in sums.items()})
     return result
