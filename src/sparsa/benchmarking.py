@@ -12,7 +12,8 @@ import os
 import platform
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+# SPARSA_RESULTS redirects results (e.g. to the folder a GPU machine sends back).
+RESULTS = Path(os.environ.get("SPARSA_RESULTS", Path(__file__).resolve().parents[2] / "benchmarks" / "results"))
 
 
 def environment() -> dict:

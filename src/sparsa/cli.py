@@ -204,7 +204,7 @@ def cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps({"model": lm.info.__dict__, "record": lm.record, **report.to_dict()}, indent=2, default=str))
         return 0
-    _table("model", ["name", "architecture", "parameters", "zero parameters", "linear sparsity", "pattern"], [
+    _table("model", ["name", "architecture", "parameters", "zero parameters", "decoder linear sparsity", "pattern"], [
         (lm.info.name, lm.info.architecture, f"{report.parameters:,}", f"{report.zero_parameters:,}", f"{report.linear_sparsity:.4f}", report.pattern)
     ])
     if args.layers:
@@ -235,7 +235,7 @@ def _table(title: str, columns: list[str], rows: list[tuple]) -> None:
 
 def _table_before_after(name: str, rows) -> None:
     base = rows[0][2].perplexity
-    _table(f"{name}: perplexity on the evaluation text", ["model", "linear sparsity", "pattern", "perplexity", "vs dense", "tokens"], [
+    _table(f"{name}: perplexity on the evaluation text", ["model", "decoder linear sparsity", "pattern", "perplexity", "vs dense", "tokens"], [
         (label, f"{report.linear_sparsity:.3f}", report.pattern, f"{ppl.perplexity:.3f}", f"{ppl.perplexity / base:.2f}x", str(ppl.tokens))
         for label, report, ppl in rows
     ])

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from .models import count_parameters, linear_layers
+from .models import adapter_for, count_parameters, linear_layers
 
 NM_GROUPS = (4, 8, 16)
+DENSE_BELOW = 0.01  # quantized checkpoints carry a few exact zeros; that is not sparsity
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class LayerSparsity:
     zeros: int
     total: int
     pattern: str  # "dense", "N:M", "structured (rows|columns)" or "unstructured"
+    decoder: bool = True  # inside a decoder layer (what pruning targets), not lm_head
 
     @property
     def sparsity(self) -> float:
@@ -33,13 +35,14 @@ class SparsityReport:
 
     @property
     def linear_sparsity(self) -> float:
-        total = sum(layer.total for layer in self.layers)
-        return sum(layer.zeros for layer in self.layers) / max(total, 1)
+        """Sparsity of the decoder layers' linears (the weights pruning targets)."""
+        decoder = [layer for layer in self.layers if layer.decoder]
+        return sum(layer.zeros for layer in decoder) / max(sum(layer.total for layer in decoder), 1)
 
     @property
     def pattern(self) -> str:
-        """The model's pattern: the one its sparse layers share, or 'mixed'."""
-        found = {layer.pattern for layer in self.layers if layer.pattern != "dense"}
+        """The model's pattern: the one its sparse decoder linears share, or 'mixed'."""
+        found = {layer.pattern for layer in self.layers if layer.decoder and layer.pattern != "dense"}
         return found.pop() if len(found) == 1 else ("dense" if not found else "mixed")
 
     def to_dict(self) -> dict:
@@ -49,7 +52,8 @@ class SparsityReport:
             "linear_sparsity": self.linear_sparsity,
             "pattern": self.pattern,
             "layers": [
-                {"name": l.name, "shape": list(l.shape), "sparsity": l.sparsity, "pattern": l.pattern} for l in self.layers
+                {"name": l.name, "shape": list(l.shape), "sparsity": l.sparsity, "pattern": l.pattern, "decoder": l.decoder}
+                for l in self.layers
             ],
         }
 
@@ -58,7 +62,7 @@ def detect_pattern(weight: torch.Tensor) -> str:
     """Name the pattern of a 2-D weight's zeros."""
     nonzero = weight != 0
     zeros = int((~nonzero).sum())
-    if zeros == 0:
+    if zeros < DENSE_BELOW * weight.numel():
         return "dense"
     rows, cols = weight.shape
     zero_rows = int((~nonzero.any(dim=1)).sum()) * cols
@@ -79,8 +83,9 @@ def detect_pattern(weight: torch.Tensor) -> str:
 
 @torch.no_grad()
 def sparsity_report(model: nn.Module) -> SparsityReport:
+    prefix = adapter_for(model).layers_path + "."
     layers = [
-        LayerSparsity(name, tuple(m.weight.shape), int((m.weight == 0).sum()), m.weight.numel(), detect_pattern(m.weight))
+        LayerSparsity(name, tuple(m.weight.shape), int((m.weight == 0).sum()), m.weight.numel(), detect_pattern(m.weight), name.startswith(prefix))
         for name, m in linear_layers(model).items()
     ]
     unique = {id(p): p for p in model.parameters()}.values()

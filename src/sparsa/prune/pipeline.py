@@ -257,8 +257,8 @@ def _sequential(lm, config, calib, targets, budgets, device, checkpoint_dir, res
         layer.to(home)
         if state:
             state.save(i, layer, hidden)
+        bar.set_postfix(layer=i, sparsity=f"{sparsity:.2f}", refresh=False)
         bar.update(1)
-        bar.set_postfix(layer=i, sparsity=f"{sparsity:.2f}")
     bar.close()
     if state:
         state.finish()
