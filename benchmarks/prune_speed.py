@@ -41,13 +41,15 @@ def random_llama(layers: int) -> torch.nn.Module:
     finally:
         torch.set_default_dtype(default)
     model = model.to_empty(device="cpu")
-    generator = torch.Generator().manual_seed(0)
+    # Random numbers are drawn on the GPU when there is one: on the CPU, 8B of them take minutes.
+    source = "cuda" if torch.cuda.is_available() else "cpu"
+    generator = torch.Generator(source).manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.fill_(1.0)
             else:
-                p.normal_(0.0, 0.02, generator=generator)
+                p.copy_(torch.empty(p.shape, dtype=p.dtype, device=source).normal_(0.0, 0.02, generator=generator))
     model.model.rotary_emb = type(model.model.rotary_emb)(config)  # recompute rotary buffers lost on meta
     return model.eval()
 
@@ -59,13 +61,19 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--device", default="cuda", help="compute device (cpu only for a smoke test)")
     parser.add_argument("--runs", default="sparsegpt:2:4,sparsegpt:unstructured,wanda:2:4,wanda:unstructured")
+    parser.add_argument("--trace-after", type=float, default=0, help="dump every thread's stack after this many seconds (diagnosis)")
     args = parser.parse_args()
+    if args.trace_after:
+        import faulthandler
+
+        faulthandler.dump_traceback_later(args.trace_after, repeat=True)
     gpu = args.device.startswith("cuda")
     if gpu and not torch.cuda.is_available():
         sys.exit("prune_speed.py needs a CUDA GPU (or --device cpu for a smoke test)")
     start = time.perf_counter()
     model = random_llama(args.layers)
     build_seconds = time.perf_counter() - start
+    print(f"built a {args.layers}-layer Llama-3-8B-shaped model in {build_seconds:.0f} s", flush=True)
     info = describe(model, f"Llama-3-8B-shaped ({args.layers} layers, random)")
     lm = LoadedModel(model, None, info.name, info)
     layer = model.model.layers[0]
@@ -82,7 +90,7 @@ def main() -> None:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
-        record = prune_model(lm, config, device=args.device, samples=samples, progress=False)
+        record = prune_model(lm, config, device=args.device, samples=samples, progress=True)
         if gpu:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - t0

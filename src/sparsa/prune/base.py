@@ -35,6 +35,7 @@ class LayerPruner:
     """Prunes one linear layer; subclasses implement :meth:`select` and, if they need inputs, :meth:`accumulate`."""
 
     needs_inputs: ClassVar[bool] = True
+    CHUNK_TOKENS: ClassVar[int] = 2048
 
     def __init__(self, layer: nn.Linear, config: PruneConfig, name: str) -> None:
         weight = getattr(layer, "weight", None)
@@ -48,6 +49,7 @@ class LayerPruner:
         self.rows, self.columns = weight.shape
         self.device = weight.device
         self.tokens = 0
+        self.input_dtype = weight.dtype  # of the calibration inputs, once seen
 
     # -- statistics -----------------------------------------------------------------
 
@@ -63,11 +65,13 @@ class LayerPruner:
             x.shape[-1] == self.columns,
             f"{self.name} expects inputs with {self.columns} features, got shape {tuple(x.shape)}",
         )
-        tokens = x.reshape(-1, self.columns).to(device=self.device, dtype=torch.float32)
-        if tokens.shape[0] == 0:
-            return
-        self.tokens += tokens.shape[0]
-        self.accumulate(tokens)
+        self.input_dtype = x.dtype
+        rows = x.reshape(-1, self.columns)
+        # float32 copies are made a chunk at a time, so statistics never cost
+        # more memory than a few thousand tokens of the layer's inputs.
+        for chunk in rows.split(self.CHUNK_TOKENS):
+            self.tokens += chunk.shape[0]
+            self.accumulate(chunk.to(device=self.device, dtype=torch.float32))
 
     def accumulate(self, x: torch.Tensor) -> None:
         """Update the method's statistics with ``x``: float32 ``[tokens, in_features]``."""

@@ -59,12 +59,13 @@ def prune_model(
     checkpoint_dir: str | os.PathLike | None = None,
     resume: bool = False,
     progress: bool = True,
-    micro_batch: int = 8,
+    micro_batch: int | None = None,
     samples: torch.Tensor | None = None,
 ) -> dict:
     """Prune ``lm.model`` in place; returns the record written to sparsa.json.
 
     ``samples`` ([N, L] token ids) replaces the calibration text when given.
+    ``micro_batch`` samples go through a layer at once (default: about 4096 tokens' worth).
     """
     model = lm.model
     adapter = adapter_for(model)
@@ -78,6 +79,7 @@ def prune_model(
     if config.nm:
         _check_nm_divides(targets, config.nm)
 
+    micro_batch = micro_batch or max(1, 4096 // config.seq_len)
     calib = capture(lm, config, device, micro_batch, samples)
     parameters_before = count_parameters(model)
     if config.pattern == "structured":
@@ -230,7 +232,9 @@ def _sequential(lm, config, calib, targets, budgets, device, checkpoint_dir, res
     model = lm.model
     layers = adapter_for(model).layers(model)
     method = METHODS.get(config.method)
-    hidden = [h.to(device) for h in calib.hidden]
+    # The pass owns the captured inputs: outputs replace them as it goes, so
+    # only one set of activations is ever alive.
+    hidden, calib.hidden = [h.to(device) for h in calib.hidden], []
     state = _Checkpoint(checkpoint_dir, config, calib.text_sha256) if checkpoint_dir else None
     first = 0
     if resume:
