@@ -129,3 +129,23 @@ def test_inspect_reports_zeros_and_pattern(capsys, tiny_lm, tmp_path):
 def test_console_script_has_teaching_help():
     out = subprocess.run([sys.executable, "-m", "sparsa.cli", "prune", "--help"], capture_output=True, text=True, check=True).stdout
     assert "examples:" in out and "--pattern" in out and "2:4" in out
+
+
+def test_cli_eval_runs_lm_eval_tasks(capsys, tiny_dir, tmp_path):
+    from pathlib import Path
+
+    include = Path(__file__).parent / "data" / "lm_eval_task"
+    out = tmp_path / "results.json"
+    code, stdout, err = run_cli(capsys, "eval", str(tiny_dir), "--tasks", "sparsa_tiny_mc", "--include-path", str(include), "--json", str(out))
+    assert code == 0, err
+    assert "sparsa_tiny_mc" in stdout and "acc" in stdout
+    results = json.loads(out.read_text())["results"]["sparsa_tiny_mc"]
+    assert 0 <= results["acc"] <= 1
+
+
+def test_cli_eval_perplexity_json(capsys, tiny_dir, tmp_path):
+    out = tmp_path / "ppl.json"
+    code, stdout, err = run_cli(capsys, "eval", str(tiny_dir), "--seq-len", "64", "--max-tokens", "256", "--json", str(out))
+    assert code == 0, err
+    result = json.loads(out.read_text())["results"]["perplexity"]
+    assert result["tokens"] == 4 * 63 and result["perplexity"] > 1

@@ -91,6 +91,19 @@ def jargon_text(gz: Path) -> str:
     return body[:cut].strip() + "\n"
 
 
+def entry(name: str, text: str, deb: Path, package: str, source: str, licence: str) -> dict:
+    """Write one corpus and describe where it came from."""
+    (OUT / name).write_text(text, "utf-8")
+    return {
+        "source": source,
+        "package": f"Debian {package} {deb.name.split('_')[1]}",
+        "package_sha256": sha256(deb),
+        "licence": licence,
+        "sha256": sha256(OUT / name),
+        "bytes": (OUT / name).stat().st_size,
+    }
+
+
 def main(jargon_deb: str, python_doc_deb: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root_j = unpack(Path(jargon_deb), Path(tmp) / "j")
@@ -102,25 +115,17 @@ def main(jargon_deb: str, python_doc_deb: str) -> None:
                 parts.append(rst_prose(f.read_text("utf-8")))
         calibration = "\n\n".join(parts)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "evaluation.txt").write_text(evaluation, "utf-8")
-    (OUT / "calibration.txt").write_text(calibration, "utf-8")
     provenance = {
-        "evaluation.txt": {
-            "source": "The Jargon File 4.4.7 (Eric S. Raymond, ed.), the lexicon section",
-            "package": "Debian jargon-text " + Path(jargon_deb).name.split("_")[1],
-            "package_sha256": sha256(Path(jargon_deb)),
-            "licence": "Public domain (see /usr/share/doc/jargon-text/copyright)",
-            "sha256": sha256(OUT / "evaluation.txt"),
-            "bytes": (OUT / "evaluation.txt").stat().st_size,
-        },
-        "calibration.txt": {
-            "source": "Python 3.11 documentation: tutorial, HOWTOs and FAQ, prose only",
-            "package": "Debian python3.11-doc " + Path(python_doc_deb).name.split("_")[1],
-            "package_sha256": sha256(Path(python_doc_deb)),
-            "licence": "PSF License Version 2 (see /usr/share/doc/python3.11-doc/copyright)",
-            "sha256": sha256(OUT / "calibration.txt"),
-            "bytes": (OUT / "calibration.txt").stat().st_size,
-        },
+        "evaluation.txt": entry(
+            "evaluation.txt", evaluation, Path(jargon_deb), "jargon-text",
+            "The Jargon File 4.4.7 (Eric S. Raymond, ed.), the lexicon section",
+            "Public domain (see /usr/share/doc/jargon-text/copyright)",
+        ),
+        "calibration.txt": entry(
+            "calibration.txt", calibration, Path(python_doc_deb), "python3.11-doc",
+            "Python 3.11 documentation: tutorial, HOWTOs and FAQ, prose only",
+            "PSF License Version 2 (see /usr/share/doc/python3.11-doc/copyright)",
+        ),
         "disjoint": "different works by different authors; no shared text",
         "rebuild": "apt-get download jargon-text python3.11-doc && python tools/build_corpora.py jargon-text_*.deb python3.11-doc_*.deb",
     }

@@ -105,35 +105,18 @@ def evaluate_tasks(
         with _quiet(), _seeded(seed):
             manager = _task_manager(TaskManager, tasks, include_path)
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=int(batch_size), backend="causal")
-            if hasattr(manager, "load"):  # lm-eval 0.4.13 and later: TaskManager.load
-                loaded = _load_tasks(manager, tasks)
-                for task in loaded["tasks"].values():
-                    _set_fewshot(task, num_fewshot, seed)
-                output = evaluate(
-                    lm=lm,
-                    task_dict=loaded,
-                    limit=limit,
-                    bootstrap_iters=0,
-                    log_samples=False,
-                    write_out=False,
-                    cache_requests=False,
-                )
-            else:  # older lm-eval: its own driver does the same, plus environment bookkeeping
-                from lm_eval import simple_evaluate
-
-                output = simple_evaluate(
-                    model=lm,
-                    tasks=tasks,
-                    task_manager=manager,
-                    num_fewshot=num_fewshot,
-                    limit=limit,
-                    bootstrap_iters=0,
-                    log_samples=False,
-                    random_seed=seed,
-                    numpy_random_seed=seed,
-                    torch_random_seed=seed,
-                    fewshot_random_seed=seed,
-                )
+            loaded = _load_tasks(manager, tasks)  # TaskManager.load: lm-eval 0.4.13 and later
+            for task in loaded["tasks"].values():
+                _set_fewshot(task, num_fewshot, seed)
+            output = evaluate(
+                lm=lm,
+                task_dict=loaded,
+                limit=limit,
+                bootstrap_iters=0,
+                log_samples=False,
+                write_out=False,
+                cache_requests=False,
+            )
     finally:
         # HFLM switches the model to eval mode and gives a pad-less tokenizer a pad
         # token; hand both back as they came.
