@@ -35,6 +35,9 @@ __all__ = [
 ]
 
 
+ROWS_PER_SORT = 1024
+
+
 def pruned_count(total: int, sparsity: float) -> int:
     """How many of ``total`` weights a ``sparsity`` budget removes: ``round(sparsity * total)``.
 
@@ -61,10 +64,15 @@ def _keep_best(scores: torch.Tensor, keep: int, dim: int) -> torch.Tensor:
     """Mask keeping the ``keep`` highest scores along ``dim`` (ties: lower index first)."""
     size = scores.shape[dim]
     require(0 <= keep <= size, f"cannot keep {keep} of {size} weights")
-    order = torch.sort(scores, dim=dim, descending=True, stable=True).indices
-    dropped = order.narrow(dim, keep, size - keep)
     mask = torch.ones_like(scores, dtype=torch.bool)
-    return mask.scatter_(dim, dropped, False)
+    # Rows are independent when selecting along a later dim: sort a slab of
+    # rows at a time, so the int64 sort indices never cost 2x the weight.
+    step = ROWS_PER_SORT if dim > 0 else scores.shape[0]
+    for start in range(0, scores.shape[0], step):
+        slab = scores.narrow(0, start, min(step, scores.shape[0] - start))
+        order = torch.sort(slab, dim=dim, descending=True, stable=True).indices
+        mask.narrow(0, start, slab.shape[0]).scatter_(dim, order.narrow(dim, keep, size - keep), False)
+    return mask
 
 
 def mask_unstructured(scores: torch.Tensor, sparsity: float, per_row: bool = False) -> torch.Tensor:

@@ -61,15 +61,21 @@ class SparseGPT(LayerPruner):
         """Choose and update the kept weights. Consumes the Hessian: it is
         factorised in place, so a large layer never holds several copies."""
         weight = self.layer.weight.detach().float().clone()
+        upper = inverse_hessian_cholesky(self._take_hessian(weight), self.config.damp, self.name)
+        return obs_sweep(weight, upper, sparsity, self.config.blocksize, self.config.nm)
+
+    def _take_hessian(self, weight: torch.Tensor) -> torch.Tensor:
+        """Hand over the Hessian (no reference stays here) with dead inputs fixed.
+
+        An input that is zero on every calibration token has no curvature. Its
+        weights cannot change the calibration outputs, so they are set to zero
+        (and thereby pruned first); a unit diagonal keeps H invertible.
+        """
         hessian, self.hessian = self.hessian, torch.zeros(0, 0, device=self.device)
         dead = hessian.diagonal() == 0
-        # An input that is zero on every calibration token has no curvature.
-        # Its weights cannot change the calibration outputs, so they are set
-        # to zero (and thereby pruned first); a unit diagonal keeps H invertible.
         hessian.diagonal()[dead] = 1.0
         weight[:, dead] = 0.0
-        upper = inverse_hessian_cholesky(hessian, self.config.damp, self.name)
-        return obs_sweep(weight, upper, sparsity, self.config.blocksize, self.config.nm)
+        return hessian
 
 
 @contextmanager
