@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--name", default="prune_speed", help="results file name (benchmarks/results/NAME.json)")
     parser.add_argument("--device", default="cuda", help="compute device (cpu only for a smoke test)")
     parser.add_argument("--runs", default="sparsegpt:2:4,sparsegpt:unstructured,wanda:2:4,wanda:unstructured")
     parser.add_argument("--trace-after", type=float, default=0, help="dump every thread's stack after this many seconds (diagnosis)")
@@ -118,7 +119,7 @@ def report(args, info, rows, layer_bytes, act_bytes, build_seconds, gpu) -> None
     print_goals(goals)
     if not gpu:
         return  # a smoke test writes no results
-    write_results("prune_speed", {
+    write_results(args.name, {
         "model": info.summary(), "layers": args.layers, "samples": args.samples, "seq_len": args.seq_len,
         "layer_bytes": layer_bytes, "activation_bytes": act_bytes, "build_seconds": build_seconds, "rows": rows,
     }, goals)

@@ -67,11 +67,11 @@ def test_resume_is_bit_identical(tiny_dir, tmp_path, monkeypatch):
     real_run = pipeline._run_layer
     calls = {"n": 0}
 
-    def dying_run(layer, hidden, kwargs, **options):
+    def dying_run(layer, hidden, kwargs):
         calls["n"] += 1
-        if calls["n"] == 3:  # layer 0: stats + outputs; layer 1: dies collecting stats
+        if calls["n"] == 2:  # layer 0 finished; layer 1 dies computing its outputs
             raise KeyboardInterrupt
-        return real_run(layer, hidden, kwargs, **options)
+        return real_run(layer, hidden, kwargs)
 
     monkeypatch.setattr(pipeline, "_run_layer", dying_run)
     with pytest.raises(KeyboardInterrupt):

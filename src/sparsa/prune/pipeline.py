@@ -208,20 +208,20 @@ def _move_back(moved: list[tuple[nn.Module, torch.device]]) -> None:
 
 # -- the sequential pass -------------------------------------------------------------
 
-def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict], in_place: bool = False) -> list[torch.Tensor]:
-    """The layer's outputs per micro-batch; ``in_place`` reuses ``hidden`` so inputs and outputs never coexist."""
-    outs = hidden if in_place else [None] * len(hidden)
+def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+    """Replace each micro-batch of ``hidden`` by the layer's output, so inputs and outputs never coexist."""
     for j, kw in enumerate(kwargs):
         out = layer(hidden[j], **kw)
-        outs[j] = out[0] if isinstance(out, tuple) else out
-    return outs
+        hidden[j] = out[0] if isinstance(out, tuple) else out
+    return hidden
 
 
 def _collect(layer: nn.Module, hidden, kwargs, linears: dict[str, nn.Linear], sink) -> None:
     """Run ``layer`` over the calibration inputs, handing each linear's input to ``sink(name, x)``."""
     handles = [m.register_forward_pre_hook(lambda mod, args, n=name: sink(n, args[0])) for name, m in linears.items()]
     try:
-        _run_layer(layer, hidden, kwargs)
+        for h, kw in zip(hidden, kwargs):
+            layer(h, **kw)  # outputs dropped at once: only the statistics are wanted
     finally:
         for h in handles:
             h.remove()
@@ -256,7 +256,7 @@ def _sequential(lm, config, calib, targets, budgets, device, checkpoint_dir, res
             mask = pruner.prune(sparsity)
             per_layer[name] = sparsity_of(mask)
             pruner.free()
-        hidden = _run_layer(layer, hidden, calib.layer_kwargs[i], in_place=True)
+        hidden = _run_layer(layer, hidden, calib.layer_kwargs[i])
         _check_hidden(hidden, i)
         layer.to(home)
         if state:
@@ -298,7 +298,7 @@ def activation_norms(model, calib: Calibration, names: list[dict[str, nn.Linear]
             sums[name] += x.reshape(-1, x.shape[-1]).double().pow(2).sum(0)
 
         _collect(layer, hidden, calib.layer_kwargs[i], linears, sink)
-        hidden = _run_layer(layer, hidden, calib.layer_kwargs[i], in_place=True)
+        hidden = _run_layer(layer, hidden, calib.layer_kwargs[i])
         layer.to(home)
         result.append({n: s.sqrt().float().cpu() for n, s in sums.items()})
     return result

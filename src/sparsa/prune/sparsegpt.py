@@ -110,7 +110,7 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, name: str) -> t
         lower, info = torch.linalg.cholesky_ex(hessian)
         if info.item() == 0:
             del hessian
-            inverse = torch.cholesky_inverse(lower)
+            inverse = _inverse_from_cholesky(lower)
             del lower
             upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
             if info.item() == 0:
@@ -122,6 +122,19 @@ def inverse_hessian_cholesky(hessian: torch.Tensor, damp: float, name: str) -> t
         f"the calibration inputs of {name} are too degenerate to invert their Hessian; "
         "use more (or more varied) calibration samples, or --skip it"
     )
+
+
+def _inverse_from_cholesky(lower: torch.Tensor) -> torch.Tensor:
+    """``(L L^T)^-1 = L^-T L^-1``, with ``L^-1`` solved in place over ``L`` itself.
+
+    ``torch.cholesky_inverse`` would hold three matrices of this size at once
+    (L, an identity and the result); this holds two.
+    """
+    eye = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+    inverse_lower = torch.linalg.solve_triangular(lower, eye, upper=False, out=eye)
+    lower.copy_(inverse_lower.T)
+    del eye, inverse_lower  # the L^-1 buffer goes; L^-T stays in L's
+    return torch.mm(lower, lower.T)
 
 
 def obs_sweep(
