@@ -165,7 +165,8 @@ def cmd_prune(args) -> int:
     _say(f"pruned in {record['seconds']:.1f} s")
     if not args.no_eval:
         after = evaluate(lm, args.eval_text, **evaluate_kw)
-        rows.append((f"{config.method} {config.pattern}", inspect(lm), after))
+        shape = config.pattern if config.pattern != "unstructured" else f"{config.sparsity:.0%}"
+        rows.append((f"{config.method}{' +owl' if config.owl else ''} {shape}", inspect(lm), after))
         lm.record["pruning"]["evaluation"] = {"text": args.eval_text, "before": rows[0][2].to_dict(), "after": after.to_dict()}
         _table_before_after(lm.info.name, rows)
     else:
@@ -225,17 +226,17 @@ def _table(title: str, columns: list[str], rows: list[tuple]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=title, title_justify="left")
     for c in columns:
         table.add_column(c)
     for r in rows:
         table.add_row(*map(str, r))
-    Console().print(table)
+    Console(width=max(100, Console().width)).print(table)
 
 
 def _table_before_after(name: str, rows) -> None:
     base = rows[0][2].perplexity
-    _table(f"{name}: perplexity on the evaluation text", ["model", "decoder linear sparsity", "pattern", "perplexity", "vs dense", "tokens"], [
+    _table(f"{name}: perplexity on the evaluation text (sparsity of the decoder linears)", ["model", "sparsity", "pattern", "perplexity", "vs dense", "tokens"], [
         (label, f"{report.linear_sparsity:.3f}", report.pattern, f"{ppl.perplexity:.3f}", f"{ppl.perplexity / base:.2f}x", str(ppl.tokens))
         for label, report, ppl in rows
     ])

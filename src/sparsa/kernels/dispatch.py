@@ -1,0 +1,358 @@
+"""Which path runs a 2:4 layer for a given number of tokens: measured, never guessed.
+
+For a layer shape ``(N, K)``, dtype and token bucket, every available path is
+timed once on the real device, and the decision is kept in memory and on disk:
+
+* ``triton``: the small-batch kernel, every configuration that
+  :func:`~sparsa.kernels.triton_sparse24.candidate_configs` proposes (block
+  sizes, warps, stages, split-K); buckets up to ``TRITON_MAX_M`` tokens;
+* ``cusparselt``: torch's private cuSPARSELt ops with algorithm 0 and the
+  algorithm cuSPARSELt's own search picks for that bucket;
+* ``dense``: ``F.linear`` (cuBLAS) on the dense weight.
+
+Timing: CUDA events around each call, the L2 cache flushed before every call
+(a 128 MiB write), a few warm-up calls (which also compile Triton kernels),
+the median of several repetitions. Each sparse output is also checked against
+the dense product before it is timed; a path that disagrees is discarded.
+
+The rule: the sparse layer must never be slower than dense. A sparse path is
+chosen only when it beats dense by more than ``MARGIN`` (1%); otherwise dense.
+
+Tokens are bucketed up to the next power of two (1, 2, 4, ..., 16384; more
+than 16384 tokens use the 16384 decision).
+
+Cache file: ``<cache_dir>/dispatch-<gpu-name>.json`` (``cache_dir()`` from
+:mod:`sparsa.models.loading`, ``$SPARSA_CACHE`` or ``~/.cache/sparsa``)::
+
+    {"format": 1, "device": "NVIDIA H100 80GB HBM3",
+     "versions": {"torch": "...", "triton": "...", "cusparselt": "..."},
+     "entries": {"4096x4096:m16:bfloat16": {
+         "times_us": {"dense": 14.1, "triton": 8.9, "cusparselt": 31.0},
+         "triton_config": "n16-k256-s2-w4-p3", "cslt_alg_id": 1,
+         "choice": "triton", "errors": {}, "measured": "2026-..."}}}
+
+Entries measured under other library versions are ignored (measured again).
+``SPARSA_DISPATCH_CACHE=0`` keeps decisions in memory only.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import re
+import statistics
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["BUCKETS", "MARGIN", "Plan", "bucket", "cache_path", "choose", "plan_for"]
+
+BUCKETS = tuple(1 << i for i in range(15))  # 1 .. 16384
+MARGIN = 0.01
+FORMAT = 1
+FLUSH_BYTES = 128 << 20
+TOLERANCE = 2e-2  # relative Frobenius error a sparse path may show against dense (fp16/bf16 rounding)
+SPARSE_PATHS = ("triton", "cusparselt")
+
+
+def bucket(m: int) -> int:
+    """The measured token count that ``m`` tokens use: the next power of two, at most 16384."""
+    for b in BUCKETS:
+        if m <= b:
+            return b
+    return BUCKETS[-1]
+
+
+@dataclass
+class Plan:
+    """The measured times of one (shape, dtype, bucket) and the best configuration of each path."""
+
+    times_us: dict[str, float] = field(default_factory=dict)
+    triton_config: str | None = None
+    cslt_alg_id: int | None = None
+    errors: dict[str, str] = field(default_factory=dict)
+    measured: bool = True
+
+    def best(self, allowed: tuple[str, ...] | list[str] = ("triton", "cusparselt", "dense")) -> str:
+        """The path to run among ``allowed``: the fastest sparse one if it beats dense by ``MARGIN``."""
+        inf = math.inf
+        dense = self.times_us.get("dense", inf) if "dense" in allowed else inf
+        sparse = [(self.times_us.get(p, inf), p) for p in SPARSE_PATHS if p in allowed]
+        sparse = [(t, p) for t, p in sparse if t is not None and math.isfinite(t)]
+        if sparse:
+            t, p = min(sparse)
+            if not math.isfinite(dense) or t < dense * (1 - MARGIN):
+                return p
+        if "dense" in allowed:
+            return "dense"
+        # no dense weight and nothing measured: the heuristic of the unmeasured case
+        return next((p for p in allowed if p in SPARSE_PATHS), "dense")
+
+    def config(self):
+        if self.triton_config is None:
+            return None
+        from .triton_sparse24 import TritonConfig
+
+        return TritonConfig.from_key(self.triton_config)
+
+    def as_dict(self) -> dict:
+        return {
+            "times_us": {k: (None if not math.isfinite(v) else round(v, 3)) for k, v in self.times_us.items()},
+            "triton_config": self.triton_config,
+            "cslt_alg_id": self.cslt_alg_id,
+            "choice": self.best(),
+            "errors": self.errors,
+            "measured": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        times = {k: (math.inf if v is None else float(v)) for k, v in d.get("times_us", {}).items()}
+        return cls(times, d.get("triton_config"), d.get("cslt_alg_id"), dict(d.get("errors", {})))
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def _versions() -> dict:
+    v = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+
+        v["triton"] = triton.__version__
+    except ImportError:
+        v["triton"] = None
+    try:
+        v["cusparselt"] = str(torch.backends.cusparselt.version())
+    except Exception:  # noqa: BLE001 - any failure means "unknown"
+        v["cusparselt"] = None
+    return v
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def cache_path() -> Path:
+    from ..models.loading import cache_dir
+
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", _device_name()).strip("-")
+    return cache_dir() / f"dispatch-{slug}.json"
+
+
+_MEMORY: dict[str, dict] | None = None
+
+
+def _use_disk() -> bool:
+    return os.environ.get("SPARSA_DISPATCH_CACHE", "1") != "0"
+
+
+def _read_file() -> dict[str, dict]:
+    path = cache_path()
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if doc.get("format") != FORMAT or doc.get("versions") != _versions() or doc.get("device") != _device_name():
+        return {}
+    entries = doc.get("entries")
+    return entries if isinstance(entries, dict) else {}
+
+
+def _entries() -> dict[str, dict]:
+    global _MEMORY
+    if _MEMORY is None:
+        _MEMORY = _read_file() if _use_disk() else {}
+    return _MEMORY
+
+
+def _store(key: str, entry: dict) -> None:
+    _entries()[key] = entry
+    if not _use_disk():
+        return
+    from ..models.saving import atomic_write_text
+
+    merged = _read_file()  # another process may have added entries meanwhile
+    merged.update(_entries())
+    doc = {"format": FORMAT, "device": _device_name(), "versions": _versions(), "entries": dict(sorted(merged.items()))}
+    try:
+        atomic_write_text(cache_path(), json.dumps(doc, indent=1) + "\n")
+    except OSError as exc:  # a read-only cache only costs re-measuring
+        warnings.warn(f"sparsa: could not write the 2:4 dispatch cache {cache_path()}: {exc}", RuntimeWarning)
+
+
+def clear_memory() -> None:
+    """Forget the decisions held in memory (the file stays)."""
+    global _MEMORY
+    _MEMORY = None
+
+
+def _key(n: int, k: int, m_bucket: int, dtype: torch.dtype) -> str:
+    return f"{n}x{k}:m{m_bucket}:{str(dtype).replace('torch.', '')}"
+
+
+# --------------------------------------------------------------------------- measuring
+
+_FLUSH: dict[torch.device, torch.Tensor] = {}
+
+
+def _flush_buffer(device: torch.device) -> torch.Tensor:
+    buf = _FLUSH.get(device)
+    if buf is None:
+        buf = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
+        _FLUSH[device] = buf
+    return buf
+
+
+def time_us(fn, device: torch.device, reps: int = 10, warmup: int = 3) -> float:
+    """Median GPU time of ``fn()`` in microseconds, L2 flushed before each call."""
+    flush = _flush_buffer(device)
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize(device)
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    flush.zero_()
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize(device)
+    first_ms = start.elapsed_time(end)
+    if first_ms > 5.0:  # a long call: its median settles with fewer repetitions
+        reps = max(3, min(reps, int(50.0 / first_ms)))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        flush.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize(device)
+    return 1000.0 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    ref32 = ref.float()
+    return ((y.float() - ref32).norm() / ref32.norm().clamp_min(1e-30)).item()
+
+
+def measure(layer, m_bucket: int) -> Plan:
+    """Time every path available for ``layer`` (a SparseLinear24 on CUDA) at ``m_bucket`` tokens."""
+    from .sparse24 import cslt_search
+    from .triton_sparse24 import HAVE_TRITON, TRITON_MAX_M, _sm_count, candidate_configs
+
+    device = layer.values.device
+    dtype = layer.values.dtype
+    n, k = layer.out_features, layer.in_features
+    plan = Plan()
+    with torch.no_grad():
+        gen = torch.Generator(device=device).manual_seed(m_bucket)
+        x = torch.randn((m_bucket, k), generator=gen, device=device, dtype=torch.float32).to(dtype)
+        dense_w = layer.dense_weight if layer.dense_weight is not None else layer.weight
+        bias = layer.bias
+        ref = F.linear(x, dense_w, bias)
+        plan.times_us["dense"] = time_us(lambda: F.linear(x, dense_w, bias), device)
+
+        if HAVE_TRITON and m_bucket <= TRITON_MAX_M:
+            best = math.inf
+            for cfg in candidate_configs(m_bucket, n, k, _sm_count(device)):
+                try:
+                    err = _rel_error(layer.run(x, "triton", config=cfg), ref)
+                    if not err < TOLERANCE:
+                        plan.errors[f"triton {cfg.key()}"] = f"relative error {err:.3g}"
+                        continue
+                    t = time_us(lambda cfg=cfg: layer.run(x, "triton", config=cfg), device)
+                except Exception as exc:  # noqa: BLE001 - a failing configuration is skipped, and recorded
+                    plan.errors[f"triton {cfg.key()}"] = f"{type(exc).__name__}: {exc}"[:300]
+                    continue
+                if t < best:
+                    best, plan.triton_config = t, cfg.key()
+            plan.times_us["triton"] = best
+
+        if layer.cslt_packed is not None:
+            algs = [0]
+            rows = -(-m_bucket // 8) * 8
+            xp = F.pad(x, (0, layer.padded_in_features - k, 0, rows - m_bucket))
+            found = cslt_search(layer.cslt_packed, xp, layer._bias_for_cslt())
+            if found is not None and found not in algs:
+                algs.append(found)
+            best = math.inf
+            for alg in algs:
+                try:
+                    err = _rel_error(layer.run(x, "cusparselt", alg_id=alg), ref)
+                    if not err < TOLERANCE:
+                        plan.errors[f"cusparselt alg {alg}"] = f"relative error {err:.3g}"
+                        continue
+                    t = time_us(lambda alg=alg: layer.run(x, "cusparselt", alg_id=alg), device)
+                except Exception as exc:  # noqa: BLE001
+                    plan.errors[f"cusparselt alg {alg}"] = f"{type(exc).__name__}: {exc}"[:300]
+                    continue
+                if t < best:
+                    best, plan.cslt_alg_id = t, alg
+            plan.times_us["cusparselt"] = best
+        del x, ref
+    return plan
+
+
+def _unmeasured(layer, m_bucket: int) -> Plan:
+    """A plan without timing (during CUDA-graph capture): Triton for few tokens, else cuSPARSELt, else dense."""
+    from .triton_sparse24 import HAVE_TRITON
+
+    times = {}
+    if HAVE_TRITON and m_bucket <= 64:
+        times["triton"] = 1.0
+    if layer.cslt_packed is not None and m_bucket >= 1024:
+        times["cusparselt"] = 1.0
+    return Plan(times, measured=False)
+
+
+def plan_for(layer, m_bucket: int) -> Plan:
+    """The (cached) plan of ``layer``'s shape and dtype at ``m_bucket`` tokens, measuring it if new."""
+    key = _key(layer.out_features, layer.in_features, m_bucket, layer.values.dtype)
+    entry = _entries().get(key)
+    if entry is not None:
+        plan = Plan.from_dict(entry)
+        if all(p in plan.times_us for p in layer.available_paths()):
+            return plan  # (measured with every path this layer has)
+    if torch.cuda.is_current_stream_capturing():
+        return _unmeasured(layer, m_bucket)
+    plan = measure(layer, m_bucket)
+    _store(key, plan.as_dict())
+    return plan
+
+
+def choose(n: int, k: int, m_bucket: int, dtype: torch.dtype) -> str:
+    """``"triton"``, ``"cusparselt"`` or ``"dense"`` for an ``(n, k)`` 2:4 layer at ``m_bucket`` tokens.
+
+    Measures on the current CUDA device with a random 2:4 weight when the
+    decision is not cached yet.
+    """
+    from ..errors import InputError
+
+    if m_bucket not in BUCKETS:
+        raise InputError(f"token bucket {m_bucket} is not one of {BUCKETS}; use dispatch.bucket(tokens)")
+    if not torch.cuda.is_available():
+        return "dense"
+    entry = _entries().get(_key(n, k, m_bucket, dtype))
+    if entry is not None:
+        return Plan.from_dict(entry).best()
+    from .sparse24 import SparseLinear24
+
+    layer = SparseLinear24.from_linear(_random_24_linear(n, k, dtype), f"random {n}x{k}")
+    return plan_for(layer, m_bucket).best(layer.available_paths())
+
+
+def _random_24_linear(n: int, k: int, dtype: torch.dtype) -> torch.nn.Linear:
+    gen = torch.Generator(device="cuda").manual_seed(n * 31 + k)
+    w = torch.randn((n, k), generator=gen, device="cuda", dtype=torch.float32).mul_(0.02)
+    keep = torch.rand((n, k // 4, 4), generator=gen, device="cuda").argsort(dim=2)[..., :2]
+    mask = torch.zeros((n, k // 4, 4), dtype=torch.bool, device="cuda").scatter_(2, keep, True)
+    linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_((w * mask.reshape(n, k)).to(dtype))
+    return linear

@@ -1,0 +1,422 @@
+"""2:4 sparse linear layers: the compressed format and the module that runs it.
+
+The format (``Compressed24``)
+-----------------------------
+A weight ``W[N, K]`` is 2:4 sparse along K: every group of four consecutive
+inputs ``4g .. 4g+3`` of a row holds at most two nonzeros. K is padded with
+zeros to ``Kp``, a multiple of 32 (cuSPARSELt needs 16; the Triton kernel
+reads the metadata as int32 words of 8 groups); a padded group is simply all zero.
+
+* ``values``: ``[N, Kp/2]``, W's dtype. Group ``g`` of row ``n`` keeps exactly
+  two values, ``values[n, 2g]`` and ``values[n, 2g+1]``, in increasing input
+  order. A group with fewer than two nonzeros stores explicit zeros at the
+  lowest free positions, so every group has two *distinct* positions.
+* ``meta``: ``uint8 [N, Kp/8]``, 4 bits per group, two groups per byte. Byte
+  ``b`` of row ``n`` describes groups ``2b`` (low nibble) and ``2b+1`` (high
+  nibble); in a nibble, bits 0-1 are the position (0..3) of the first kept
+  value and bits 2-3 that of the second (always first < second).
+
+So a weight costs ``Kp/2`` values + ``Kp/8`` bytes per row: 4.5 bytes per
+group of four inputs instead of 8 (1.78x less memory traffic).
+
+The module (``SparseLinear24``)
+-------------------------------
+Holds the compressed weight once for the Triton kernel (small token counts),
+the cuSPARSELt-compressed weight for large token counts (when its kept values
+turn out identical to ``values``, the two share memory), and, unless
+``keep_dense=False``, a reference to the original dense weight for the token
+counts where dense cuBLAS measures faster. ``forward`` picks the path per
+token-count bucket from :mod:`sparsa.kernels.dispatch`. Inference only.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import InputError, require
+from ..prune.patterns import check_nm
+
+__all__ = [
+    "PATHS",
+    "Compressed24",
+    "SparseLinear24",
+    "compress_24",
+    "cusparselt_available",
+    "decompress_24",
+    "is_24",
+]
+
+K_ALIGN = 32  # Kp: K padded to a multiple of this (cuSPARSELt wants 16; the kernel reads metadata as int32 = 8 groups)
+N_ALIGN_CSLT = 16  # cuSPARSELt also wants the sparse matrix's rows a multiple of 16
+M_ALIGN_CSLT = 8  # and the dense operand's rows (tokens) a multiple of 8
+ROWS_PER_CHUNK = 4096  # compression works on slabs of rows to bound temporaries
+PATHS = ("triton", "cusparselt", "dense")
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _round_up(a: int, b: int) -> int:
+    return -(-a // b) * b
+
+
+def _position_table() -> torch.Tensor:
+    """For each 4-bit nonzero pattern, the two kept positions (int64 ``[16, 2]``).
+
+    Patterns with more than two nonzeros never reach the table (checked first).
+    """
+    rows = []
+    for code in range(16):
+        kept = [p for p in range(4) if code >> p & 1][:2]
+        for p in range(4):
+            if len(kept) == 2:
+                break
+            if p not in kept:
+                kept.append(p)
+        rows.append(sorted(kept))
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+_TABLE = _position_table()
+
+
+@dataclass
+class Compressed24:
+    """A 2:4 weight in the layout described in the module docstring."""
+
+    values: torch.Tensor  # [N, Kp/2], fp16/bf16
+    meta: torch.Tensor  # uint8 [N, Kp/8]
+    in_features: int  # K before padding
+
+    @property
+    def out_features(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def padded_in_features(self) -> int:
+        return 2 * self.values.shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def nbytes(self) -> int:
+        return self.values.numel() * self.values.element_size() + self.meta.numel()
+
+
+def is_24(weight: torch.Tensor) -> bool:
+    """Whether ``weight [N, K]`` has at most two nonzeros in every group of four inputs."""
+    return weight.dim() == 2 and weight.shape[1] % 4 == 0 and check_nm(weight != 0, 2, 4)
+
+
+def _label(name: str) -> str:
+    return f"layer {name}" if name else "the layer"
+
+
+def _require_24(weight: torch.Tensor, name: str) -> None:
+    label = _label(name)
+    require(weight.dim() == 2, f"{label}: a 2:4 weight is 2-D [out, in], got shape {tuple(weight.shape)}")
+    require(
+        weight.shape[1] % 4 == 0,
+        f"{label} has {weight.shape[1]} input features, not a multiple of 4, so it cannot be 2:4 sparse; leave it dense",
+    )
+    require(
+        check_nm(weight != 0, 2, 4),
+        f"{label} is not 2:4 sparse (a group of 4 inputs has more than 2 nonzeros); prune it with --pattern 2:4 first",
+    )
+
+
+def compress_24(weight: torch.Tensor, name: str = "") -> Compressed24:
+    """Compress a 2:4 ``weight [N, K]`` (any float dtype, any device) into values + metadata.
+
+    Raises ``InputError`` (naming ``name``) unless the weight is 2:4 sparse.
+    """
+    _require_24(weight, name)
+    n, k = weight.shape
+    kp = _round_up(k, K_ALIGN)
+    values = torch.empty((n, kp // 2), dtype=weight.dtype, device=weight.device)
+    meta = torch.empty((n, kp // 8), dtype=torch.uint8, device=weight.device)
+    table = _TABLE.to(weight.device)
+    bit = torch.tensor([1, 2, 4, 8], dtype=torch.int64, device=weight.device)
+    for start in range(0, n, ROWS_PER_CHUNK):
+        rows = weight[start : start + ROWS_PER_CHUNK]
+        if kp != k:
+            rows = F.pad(rows, (0, kp - k))
+        groups = rows.reshape(rows.shape[0], kp // 4, 4)
+        code = ((groups != 0).to(torch.int64) * bit).sum(dim=2)  # [r, Kp/4] in 0..15
+        positions = table[code]  # [r, Kp/4, 2], first < second
+        values[start : start + rows.shape[0]] = torch.gather(groups, 2, positions).reshape(rows.shape[0], kp // 2)
+        nibble = positions[..., 0] | (positions[..., 1] << 2)  # [r, Kp/4]
+        pairs = nibble.reshape(rows.shape[0], kp // 8, 2)
+        meta[start : start + rows.shape[0]] = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+    return Compressed24(values, meta, k)
+
+
+def decompress_24(compressed: Compressed24) -> torch.Tensor:
+    """The dense ``[N, K]`` weight back from its compressed form (exact)."""
+    values, meta = compressed.values, compressed.meta
+    n, half = values.shape
+    kp = 2 * half
+    byte = meta.to(torch.int64)
+    nibble = torch.stack((byte & 15, byte >> 4), dim=2).reshape(n, kp // 4)
+    positions = torch.stack((nibble & 3, nibble >> 2), dim=2)  # [N, Kp/4, 2]
+    dense = torch.zeros((n, kp // 4, 4), dtype=values.dtype, device=values.device)
+    dense.scatter_(2, positions, values.reshape(n, kp // 4, 2))
+    return dense.reshape(n, kp)[:, : compressed.in_features].contiguous()
+
+
+# --------------------------------------------------------------------------- cuSPARSELt
+
+
+def _cslt_ops() -> tuple:
+    """torch's private cuSPARSELt ops, or a clear error when this torch lacks them."""
+    missing = [op for op in ("_cslt_compress", "_cslt_sparse_mm") if not hasattr(torch, op)]
+    if missing:
+        raise RuntimeError(f"this torch ({torch.__version__}) has no {', '.join(missing)}: the cuSPARSELt path is unavailable")
+    return torch._cslt_compress, torch._cslt_sparse_mm
+
+
+def cusparselt_available() -> bool:
+    """cuSPARSELt usable here: a CUDA torch built with it, and the private ops present."""
+    try:
+        _cslt_ops()
+        return bool(torch.cuda.is_available() and torch.backends.cusparselt.is_available())
+    except (RuntimeError, AttributeError):
+        return False
+
+
+def cslt_search(packed: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> int | None:
+    """cuSPARSELt's own algorithm search for ``packed @ x^T``; None when unavailable or failing."""
+    search = getattr(torch, "_cslt_sparse_mm_search", None)
+    if search is None:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # deprecated in newer torch, still the only way here
+            alg = search(packed, x.t(), bias=bias, transpose_result=True)
+    except RuntimeError:
+        return None
+    if isinstance(alg, (tuple, list)):  # tolerate a future tuple-returning variant
+        alg = alg[0]
+    return int(alg)
+
+
+# --------------------------------------------------------------------------- the module
+
+
+class SparseLinear24(nn.Module):
+    """A drop-in for ``nn.Linear`` whose weight is 2:4 sparse, for inference on a CUDA GPU.
+
+    Build it with :meth:`from_linear`. ``forward`` accepts ``x [..., K]`` in
+    the layer's dtype and routes by the number of tokens (see
+    :mod:`sparsa.kernels.dispatch`).
+    """
+
+    def __init__(
+        self,
+        compressed: Compressed24,
+        bias: torch.Tensor | None = None,
+        *,
+        name: str = "",
+        dense_weight: torch.Tensor | None = None,
+        cslt_packed: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.name = name
+        self.in_features = compressed.in_features
+        self.out_features = compressed.out_features
+        self.padded_in_features = compressed.padded_in_features
+        self.register_buffer("values", compressed.values)
+        self.register_buffer("meta", compressed.meta)
+        # kept as int16 bits: a dtype cast of the module (model.half()) must not convert its metadata
+        self.register_buffer("cslt_bits", None if cslt_packed is None else cslt_packed.view(torch.int16))
+        self.cslt_dtype = None if cslt_packed is None else cslt_packed.dtype
+        self.register_buffer("dense_weight", dense_weight)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.cslt_rows = _round_up(self.out_features, N_ALIGN_CSLT)
+        self._cslt_bias: torch.Tensor | None = None
+        self._routes: dict[tuple, tuple] = {}  # (token bucket, dtype) -> (path, triton config, cuSPARSELt alg id)
+        self.shares_values = False
+
+    # ----------------------------------------------------------------- building
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, name: str = "", *, keep_dense: bool = True) -> "SparseLinear24":
+        """Compress ``linear`` (2:4 sparse, fp16/bf16, on CUDA) once; ``InputError`` names ``name`` otherwise.
+
+        ``keep_dense`` keeps a reference to the dense weight (no copy) so that
+        token counts where cuBLAS is faster run dense; without it those run on
+        the faster sparse path and the dense weight can be freed.
+        """
+        require(isinstance(linear, nn.Linear), f"{_label(name)} is a {type(linear).__name__}, not nn.Linear")
+        weight = linear.weight.detach()
+        _require_24(weight, name)
+        require(
+            weight.dtype in DTYPES,
+            f"{_label(name)} has dtype {str(weight.dtype).replace('torch.', '')}; 2:4 kernels need float16 or "
+            "bfloat16: load the model in one of them (e.g. --dtype bfloat16)",
+        )
+        require(
+            weight.is_cuda,
+            f"{_label(name)} is on {weight.device}; 2:4 kernels need a CUDA GPU: move the model to cuda first",
+        )
+        with torch.no_grad():
+            compressed = compress_24(weight, name)
+            bias = None if linear.bias is None else linear.bias.detach()
+            packed = None
+            if cusparselt_available():
+                try:
+                    packed = cls._cslt_compress(weight, compressed.padded_in_features)
+                except RuntimeError as exc:
+                    warnings.warn(f"{_label(name)}: cuSPARSELt compression failed ({exc}); using the Triton and dense paths", RuntimeWarning)
+            layer = cls(compressed, bias, name=name, dense_weight=weight if keep_dense else None, cslt_packed=packed)
+            layer._share_values()
+        return layer
+
+    @staticmethod
+    def _cslt_compress(weight: torch.Tensor, kp: int) -> torch.Tensor:
+        compress, _ = _cslt_ops()
+        n, k = weight.shape
+        rows = _round_up(n, N_ALIGN_CSLT)
+        if rows != n or kp != k:
+            weight = F.pad(weight, (0, kp - k, 0, rows - n))
+        return compress(weight.contiguous())
+
+    @property
+    def cslt_packed(self) -> torch.Tensor | None:
+        """The cuSPARSELt-compressed weight (None without cuSPARSELt, or after a dtype cast)."""
+        if self.cslt_bits is None or self.cslt_dtype != self.values.dtype:
+            return None
+        return self.cslt_bits.view(self.cslt_dtype)
+
+    def _share_values(self) -> None:
+        """Point ``values`` into the cuSPARSELt buffer when its kept values are ours, in our order.
+
+        cuSPARSELt stores the kept values first; where they match exactly (checked,
+        not assumed), the Triton path reads them from there and our copy is freed.
+        """
+        packed = self.cslt_packed
+        if packed is None:
+            return
+        count = self.values.numel()
+        flat = packed.reshape(-1)
+        if flat.numel() < count or flat.dtype != self.values.dtype:
+            return
+        candidate = flat[:count].view(self.values.shape)
+        if torch.equal(candidate, self.values):
+            self.values = candidate
+            self.shares_values = True
+
+    # ----------------------------------------------------------------- running
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight (kept, or rebuilt from the compressed form: slow, for inspection)."""
+        if self.dense_weight is not None:
+            return self.dense_weight
+        return decompress_24(Compressed24(self.values, self.meta, self.in_features))
+
+    def available_paths(self) -> tuple[str, ...]:
+        from . import triton_sparse24
+
+        paths = []
+        if triton_sparse24.HAVE_TRITON:
+            paths.append("triton")
+        if self.cslt_packed is not None:
+            paths.append("cusparselt")
+        if self.dense_weight is not None:
+            paths.append("dense")
+        return tuple(paths)
+
+    def run(self, x2d: torch.Tensor, path: str, *, config=None, alg_id: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x2d [M, K] @ W^T + bias`` on one named path (``triton``, ``cusparselt`` or ``dense``)."""
+        if path == "triton":
+            from .triton_sparse24 import sparse24_matmul
+
+            return sparse24_matmul(x2d, self.values, self.meta, self.in_features, self.bias, config, out=out)
+        if path == "cusparselt":
+            y = self._run_cslt(x2d, alg_id)
+        elif path == "dense":
+            require(self.dense_weight is not None, f"{_label(self.name)} kept no dense weight (keep_dense=False)")
+            y = F.linear(x2d, self.dense_weight, self.bias)
+        else:
+            raise InputError(f"unknown 2:4 path {path!r}; choose one of: {', '.join(PATHS)}")
+        if out is not None:
+            out.copy_(y)
+            return out
+        return y
+
+    def _run_cslt(self, x2d: torch.Tensor, alg_id: int) -> torch.Tensor:
+        require(self.cslt_packed is not None, f"{_label(self.name)} has no cuSPARSELt weight (cuSPARSELt unavailable)")
+        _, sparse_mm = _cslt_ops()
+        m, k = x2d.shape
+        rows = _round_up(m, M_ALIGN_CSLT)
+        if rows != m or self.padded_in_features != k:
+            x2d = F.pad(x2d, (0, self.padded_in_features - k, 0, rows - m))
+        elif not x2d.is_contiguous():
+            x2d = x2d.contiguous()
+        # cuSPARSELt computes sparse(A) @ dense(B): y^T = W x^T, written transposed so y is [M, N] row-major
+        y = sparse_mm(self.cslt_packed, x2d.t(), bias=self._bias_for_cslt(), transpose_result=True, alg_id=alg_id)
+        if rows != m or self.cslt_rows != self.out_features:
+            y = y[:m, : self.out_features]
+        return y
+
+    def _bias_for_cslt(self) -> torch.Tensor | None:
+        if self.bias is None:
+            return None
+        if self._cslt_bias is None or self._cslt_bias.device != self.bias.device or self._cslt_bias.dtype != self.bias.dtype:
+            b = self.bias.detach()
+            self._cslt_bias = F.pad(b, (0, self.cslt_rows - self.out_features)).contiguous()
+        return self._cslt_bias
+
+    def route(self, m: int) -> tuple:
+        """``(path, triton config, cuSPARSELt alg id)`` for ``m`` tokens, measured once per bucket."""
+        from . import dispatch
+
+        bucket = dispatch.bucket(m)
+        key = (bucket, self.values.dtype)
+        route = self._routes.get(key)
+        if route is None:
+            plan = dispatch.plan_for(self, bucket)
+            paths = self.available_paths()
+            forced = os.environ.get("SPARSA_24_PATH")
+            path = forced if forced in paths else plan.best(paths)
+            route = (path, plan.config(), plan.cslt_alg_id or 0)
+            if plan.measured:
+                self._routes[key] = route
+        return route
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise InputError(f"{_label(self.name)} expects {self.in_features} input features, got shape {tuple(x.shape)}")
+        if x.dtype != self.values.dtype:
+            raise InputError(f"{_label(self.name)} is {self.values.dtype} but got a {x.dtype} input; cast the input or the model")
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise InputError(f"{_label(self.name)}: 2:4 sparse layers are inference-only; run under torch.no_grad()")
+        lead = x.shape[:-1]
+        x2d = x.reshape(-1, self.in_features)
+        if x2d.shape[0] == 0:
+            return x.new_empty(*lead, self.out_features)
+        if x2d.stride(1) != 1:
+            x2d = x2d.contiguous()
+        path, config, alg_id = self.route(x2d.shape[0])
+        y = self.run(x2d, path, config=config, alg_id=alg_id)
+        return y.reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"dtype={self.values.dtype}, paths={','.join(self.available_paths())}"
+        )

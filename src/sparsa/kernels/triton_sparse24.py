@@ -1,0 +1,376 @@
+"""Triton kernels for small batches: ``y[M, N] = x[M, K] @ W^T`` with W 2:4 sparse.
+
+W arrives compressed (see :mod:`sparsa.kernels.sparse24` for the layout):
+``values`` ``[N, Kp/2]`` (the two kept values of every group of four inputs)
+and ``meta`` ``uint8 [N, Kp/8]`` (a 4-bit nibble of two 2-bit positions per
+group). The kernels never materialise W in memory. They read the values as
+int32 (one per group: both kept values), the metadata as int32 words (eight
+groups each) and x as int64 (one per group: its four inputs), so every load
+is at least 4 bytes wide and Triton's pipeliner can stream it
+asynchronously (``num_stages``).
+
+``mma`` (any M, tokens padded to ``BLOCK_M`` >= 16 by masking): a program owns
+``BLOCK_N`` output features and ``BLOCK_M`` tokens and walks its share of K
+``BLOCK_G`` groups at a time. It rebuilds the weight in registers as four
+``[BLOCK_N, BLOCK_G]`` tiles, one per position ``p`` of a group (tile ``p``
+holds the value kept at input ``4g + p``, or 0), takes the matching ``x``
+tiles out of the int64 words (``x[:, 4g + p]``), and accumulates
+``W_p @ x_p`` for ``p = 0..3`` on the tensor cores in float32. Summing over
+the four positions separately is the same sum over K, so nothing needs
+interleaving.
+
+``gemv`` (the decode step, one token per program): no tensor cores; each kept
+value is multiplied by the x element its 2-bit position names, shifted out of
+the group's int64 word, and accumulated in float32.
+
+Split-K: with few output tiles (tall-skinny layers, decode), ``split_k``
+programs share a tile's K range. Each writes its float32 partial to a
+workspace and increments the tile's arrival counter; the last to arrive sums
+the partials in a fixed order (deterministic), adds the bias, stores the
+output and resets the counter to zero, so one launch does everything and the
+counters are ready for the next call. ``split_k`` is a runtime argument: it
+costs no recompilation.
+
+Launches on different streams at once must not share a device (the counters
+are per device). Triton is imported here only, and guarded; the rest of the
+package imports this module lazily, so CPU machines without Triton work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+try:  # guarded: the package must import where Triton is absent
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - depends on the environment
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+__all__ = [
+    "GEMV_SHAPES",
+    "HAVE_TRITON",
+    "KERNEL_SHAPES",
+    "MMA_SHAPES",
+    "TRITON_MAX_M",
+    "TritonConfig",
+    "block_m_for",
+    "candidate_configs",
+    "default_config",
+    "sparse24_matmul",
+]
+
+# Token counts above this are left to cuSPARSELt or dense: the kernel rebuilds
+# the weight for every BLOCK_M tokens, which stops paying off long before.
+TRITON_MAX_M = 256
+
+# (block_n, block_k, num_warps, num_stages). Each is one compilation per dtype
+# (and per BLOCK_M for "mma"); split_k is a runtime argument and costs none.
+# "mma": tensor cores, tokens padded to BLOCK_M >= 16; warps = block_n / 16 so
+# that no warp duplicates another's rows (64 rows and 4 warps: one wgmma tile).
+MMA_SHAPES: tuple[tuple[int, int, int, int], ...] = (
+    (16, 256, 1, 3),
+    (32, 256, 2, 3),
+    (64, 128, 4, 3),
+    (64, 256, 4, 3),
+    (128, 128, 8, 3),
+)
+# "gemv": one token per program, no tensor cores: the decode step (M = 1).
+GEMV_SHAPES: tuple[tuple[int, int, int, int], ...] = (
+    (16, 256, 4, 3),
+    (32, 256, 4, 4),
+    (64, 128, 4, 4),
+)
+KERNEL_SHAPES = {"mma": MMA_SHAPES, "gemv": GEMV_SHAPES}
+SPLITS = (1, 2, 4, 8)
+GEMV_MAX_M = 1
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    kind: str  # "mma" or "gemv"
+    block_n: int
+    block_k: int  # dense input columns per step: 4 * BLOCK_G groups (>= 64 for "mma": 4 dots of K >= 16)
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def key(self) -> str:
+        return f"{self.kind}-n{self.block_n}-k{self.block_k}-s{self.split_k}-w{self.num_warps}-p{self.num_stages}"
+
+    @classmethod
+    def from_key(cls, key: str) -> "TritonConfig":
+        kind, *parts = key.split("-")
+        fields = {part[0]: int(part[1:]) for part in parts}
+        return cls(kind, fields["n"], fields["k"], fields["s"], fields["w"], fields["p"])
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def block_m_for(m: int) -> int:
+    """Tokens per "mma" program: the tensor-core minimum 16, up to 64."""
+    return 16 if m <= 16 else 32 if m <= 32 else 64
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _sm_count(device: torch.device | None) -> int:
+    if device is not None and device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def _splits(tiles: int, k: int, block_k: int, sms: int) -> list[int]:
+    """split_k = 1, then the factors that first give about two programs per SM.
+
+    Never fewer than two K steps per split, never more than eight programs per SM.
+    """
+    out = [1]
+    for split in SPLITS[1:]:
+        if tiles * (split // 2) >= 2 * sms or tiles * split > 8 * sms or k // split < 2 * block_k:
+            break
+        out.append(split)
+    return out
+
+
+def candidate_configs(m: int, n: int, k: int, sms: int = 132) -> list[TritonConfig]:
+    """The configurations worth timing for ``m`` tokens of an ``(n, k)`` layer."""
+    out: list[TritonConfig] = []
+    kinds = ("gemv", "mma") if m <= GEMV_MAX_M else ("mma",)
+    for kind in kinds:
+        for bn, bk, warps, stages in KERNEL_SHAPES[kind]:
+            tiles = _cdiv(n, bn) * (m if kind == "gemv" else _cdiv(m, block_m_for(m)))
+            splits = _splits(tiles, k, bk, sms) if m <= 64 else [1]
+            out.extend(TritonConfig(kind, bn, bk, split, warps, stages) for split in splits)
+    return out
+
+
+def default_config(m: int, n: int, k: int, sms: int = 132) -> TritonConfig:
+    """A reasonable configuration without measuring (the dispatcher measures)."""
+    kind = "gemv" if m <= GEMV_MAX_M else "mma"
+    bn, bk, warps, stages = KERNEL_SHAPES[kind][0 if kind == "gemv" else 2]
+    tiles = _cdiv(n, bn) * (m if kind == "gemv" else _cdiv(m, block_m_for(m)))
+    split = _splits(tiles, k, bk, sms)[-1] if m <= 64 else 1
+    return TritonConfig(kind, bn, bk, split, warps, stages)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _finish(acc, y_ptr, bias_ptr, ws_ptr, count_ptr, offs_n, offs_m, M, N, stride_ym, pid_n, pid_m, pid_k, split_k,
+                HAS_BIAS: tl.constexpr):
+        """Store ``acc`` [BLOCK_N, BLOCK_M] as y^T (+ bias); with split-K, the last program of a tile sums the partials."""
+        out_ty = y_ptr.dtype.element_ty
+        n_ok = offs_n < N
+        out_ok = n_ok[:, None] & (offs_m < M)[None, :]
+        y_offs = offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+        if split_k == 1:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            tl.store(y_ptr + y_offs, acc.to(out_ty), mask=out_ok)
+        else:
+            plane = M.to(tl.int64) * N
+            ws_offs = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
+            tl.store(ws_ptr + pid_k * plane + ws_offs, acc, mask=out_ok)
+            # every thread's partial is written before one thread signals arrival
+            tl.debug_barrier()
+            tile = pid_m * tl.num_programs(0) + pid_n
+            arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == split_k - 1:
+                total = tl.zeros_like(acc)
+                for s in range(0, split_k):
+                    total += tl.load(ws_ptr + s * plane + ws_offs, mask=out_ok, other=0.0, cache_modifier=".cg")
+                if HAS_BIAS:
+                    total += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+                tl.store(y_ptr + y_offs, total.to(out_ty), mask=out_ok)
+                tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+    @triton.jit(do_not_specialize=["M", "split_k", "steps_per_split"])
+    def _sparse24_mma_kernel(
+        xq_ptr, pairs_ptr, words_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr,
+        M, N, KG, G,
+        stride_xm, stride_pn, stride_wn, stride_ym,
+        split_k, steps_per_split,
+        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
+    ):
+        # xq: x as int64, one word = the 4 inputs of a group; pairs: int32 = the 2 kept values of a group;
+        # words: int32 = the metadata nibbles of 8 consecutive groups (group 8w+j in bits 4j..4j+3).
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        dt = y_ptr.dtype.element_ty
+
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_g = tl.arange(0, BLOCK_G)
+        n_ok = offs_n < N
+        m_ok = offs_m < M
+
+        # this program's groups: [g_begin, g_end), clipped to G by the masks (only the last
+        # split can overrun, and it has the least work); g_begin is a multiple of BLOCK_G,
+        # which the compiler sees, so the value loads are wide
+        g_begin = pid_k * steps_per_split * BLOCK_G
+        g_end = g_begin + steps_per_split * BLOCK_G
+
+        pair_rows = pairs_ptr + offs_n[:, None].to(tl.int64) * stride_pn
+        word_rows = words_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+        x_rows = xq_ptr + offs_m[None, :].to(tl.int64) * stride_xm
+
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for g0 in range(g_begin, g_end, BLOCK_G):
+            g = g0 + offs_g
+            g_ok = g < G
+            w_ok = n_ok[:, None] & g_ok[None, :]
+            pairs = tl.load(pair_rows + g[None, :], mask=w_ok, other=0)
+            word = tl.load(word_rows + (g // 8)[None, :], mask=w_ok, other=0)
+            xq = tl.load(x_rows + g[:, None], mask=(g < KG)[:, None] & m_ok[None, :], other=0)
+            nibble = (word >> ((g % 8) * 4)[None, :]) & 15
+            first = nibble & 3
+            second = nibble >> 2
+            v0 = pairs.to(tl.int16).to(dt, bitcast=True)
+            v1 = (pairs >> 16).to(tl.int16).to(dt, bitcast=True)
+            zero = tl.zeros_like(v0)
+            for p in tl.static_range(4):
+                # the weights at inputs 4g+p, times x at inputs 4g+p
+                w_p = tl.where(first == p, v0, tl.where(second == p, v1, zero))
+                x_p = (xq >> (16 * p)).to(tl.int16).to(dt, bitcast=True)
+                acc = tl.dot(w_p, x_p, acc)
+
+        _finish(acc, y_ptr, bias_ptr, ws_ptr, count_ptr, offs_n, offs_m, M, N, stride_ym, pid_n, pid_m, pid_k, split_k,
+                HAS_BIAS)
+
+    @triton.jit(do_not_specialize=["M", "split_k", "steps_per_split"])
+    def _sparse24_gemv_kernel(
+        xq_ptr, pairs_ptr, words_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr,
+        M, N, KG, G,
+        stride_xm, stride_pn, stride_wn, stride_ym,
+        split_k, steps_per_split,
+        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+    ):
+        # One token per program (grid axis 1): no tensor cores; each kept value meets the
+        # x element its 2-bit position names, picked out of the group's 64-bit x word.
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        pid_k = tl.program_id(2)
+        dt = y_ptr.dtype.element_ty
+
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_g = tl.arange(0, BLOCK_G)
+        n_ok = offs_n < N
+
+        g_begin = pid_k * steps_per_split * BLOCK_G
+        g_end = g_begin + steps_per_split * BLOCK_G
+
+        pair_rows = pairs_ptr + offs_n[:, None].to(tl.int64) * stride_pn
+        word_rows = words_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+        x_row = xq_ptr + pid_m.to(tl.int64) * stride_xm
+
+        acc2 = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
+        for g0 in range(g_begin, g_end, BLOCK_G):
+            g = g0 + offs_g
+            g_ok = g < G
+            w_ok = n_ok[:, None] & g_ok[None, :]
+            pairs = tl.load(pair_rows + g[None, :], mask=w_ok, other=0)
+            word = tl.load(word_rows + (g // 8)[None, :], mask=w_ok, other=0)
+            xq = tl.load(x_row + g, mask=g < KG, other=0)[None, :]
+            nibble = (word >> ((g % 8) * 4)[None, :]) & 15
+            shift0 = ((nibble & 3) * 16).to(tl.int64)
+            shift1 = ((nibble >> 2) * 16).to(tl.int64)
+            x0 = (xq >> shift0).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+            x1 = (xq >> shift1).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+            v0 = pairs.to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+            v1 = (pairs >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+            acc2 += v0 * x0 + v1 * x1
+
+        acc = tl.sum(acc2, axis=1)[:, None]
+        offs_m = pid_m + tl.arange(0, 1)
+        _finish(acc, y_ptr, bias_ptr, ws_ptr, count_ptr, offs_n, offs_m, M, N, stride_ym, pid_n, pid_m, pid_k, split_k,
+                HAS_BIAS)
+
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _counters(device: torch.device, count: int) -> torch.Tensor:
+    """Per-device arrival counters, all zero between launches (the kernel resets its own)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < count:
+        buf = torch.zeros(max(count, 1 << 16), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
+def sparse24_matmul(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    in_features: int,
+    bias: torch.Tensor | None = None,
+    config: TritonConfig | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x[M, K] @ W^T (+ bias)`` for W compressed as ``values``/``meta``; returns ``[M, N]``.
+
+    ``x`` must be 2-D with unit stride along K, of the values' dtype; ``out``
+    (optional) is a contiguous ``[M, N]`` tensor that every element of is
+    written.
+    """
+    if not HAVE_TRITON:
+        raise RuntimeError("the 2:4 Triton kernel needs triton: pip install triton")
+    m, k = x.shape
+    n, half = values.shape
+    kp = 2 * half
+    if k != in_features or k % 4 or kp < k or kp % 32 or meta.shape != (n, kp // 8):
+        raise ValueError(f"x {tuple(x.shape)} does not match 2:4 weight values {tuple(values.shape)}, meta {tuple(meta.shape)}")
+    if x.dtype != values.dtype or x.stride(1) != 1:
+        raise ValueError(f"x must be {values.dtype} with unit stride along K, got {x.dtype} strides {x.stride()}")
+    if out is None:
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or not out.is_contiguous() or out.dtype != x.dtype:
+        raise ValueError(f"out must be a contiguous {x.dtype} tensor of shape {(m, n)}")
+    if m == 0:
+        return out
+    cfg = config or default_config(m, n, k, _sm_count(x.device))
+    groups = kp // 4
+    gemv = cfg.kind == "gemv"
+    bm = 1 if gemv else block_m_for(m)
+    bg = cfg.block_k // 4
+    steps = _cdiv(_cdiv(groups, cfg.split_k), bg)  # BLOCK_G steps per split
+    split = _cdiv(groups, steps * bg)
+    grid = (_cdiv(n, cfg.block_n), _cdiv(m, bm), split)
+    if split > 1:
+        workspace = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+        counters = _counters(x.device, grid[0] * grid[1])
+    else:
+        workspace = out
+        counters = _counters(x.device, 1)
+    pairs = values.view(torch.int32)
+    words = meta.view(torch.int32)
+    if x.stride(0) % 4 or x.storage_offset() % 4:
+        x = x.contiguous()  # the int64 view needs 8-byte aligned rows
+    xq = x.view(torch.int64)
+    args = (
+        xq, pairs, words, bias if bias is not None else out, out, workspace, counters,
+        m, n, k // 4, groups,
+        xq.stride(0), pairs.stride(0), words.stride(0), out.stride(0),
+        split, steps,
+    )
+    if gemv:
+        _sparse24_gemv_kernel[grid](
+            *args, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_G=bg,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    else:
+        _sparse24_mma_kernel[grid](
+            *args, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_M=bm, BLOCK_G=bg,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
+    return out
