@@ -3,12 +3,17 @@
 For a layer shape ``(N, K)``, dtype and token bucket, every available path is
 timed once on the real device, and the decision is kept in memory and on disk:
 
-* ``triton``: the small-batch kernel, every configuration that
-  :func:`~sparsa.kernels.triton_sparse24.candidate_configs` proposes (block
-  sizes, warps, stages, split-K); buckets up to ``TRITON_MAX_M`` tokens;
+* ``triton``: the small-batch kernels, every configuration that
+  :func:`~sparsa.kernels.triton_sparse24.candidate_configs` proposes (kernel
+  kind, block sizes, warps, stages, split-K); buckets up to ``TRITON_MAX_M``
+  tokens. This is the autotuning of the Triton kernels: its result is cached
+  with the decision;
 * ``cusparselt``: torch's private cuSPARSELt ops with algorithm 0 and the
-  algorithm cuSPARSELt's own search picks for that bucket;
-* ``dense``: ``F.linear`` (cuBLAS) on the dense weight.
+  algorithm that cuSPARSELt's own search picks for that bucket (the search
+  runs every algorithm several times, so where dense takes more than
+  ``SEARCH_MAX_US`` the pick of the largest smaller bucket is tried instead);
+* ``dense``: ``F.linear`` (cuBLAS) on the dense weight (decompressed for the
+  measurement when the layer keeps none).
 
 Timing: CUDA events around each call, the L2 cache flushed before every call
 (a 128 MiB write), a few warm-up calls (which also compile Triton kernels),
@@ -28,10 +33,12 @@ Cache file: ``<cache_dir>/dispatch-<gpu-name>.json`` (``cache_dir()`` from
      "versions": {"torch": "...", "triton": "...", "cusparselt": "..."},
      "entries": {"4096x4096:m16:bfloat16": {
          "times_us": {"dense": 14.1, "triton": 8.9, "cusparselt": 31.0},
-         "triton_config": "n16-k256-s2-w4-p3", "cslt_alg_id": 1,
+         "triton_config": "gemv-n32-k256-s2-w4-p4", "cslt_alg_id": 1,
          "choice": "triton", "errors": {}, "measured": "2026-..."}}}
 
 Entries measured under other library versions are ignored (measured again).
+During CUDA-graph capture nothing is measured: an unmeasured bucket then runs
+Triton up to 64 tokens, else cuSPARSELt from 1024, else dense (not cached).
 ``SPARSA_DISPATCH_CACHE=0`` keeps decisions in memory only.
 """
 
@@ -56,6 +63,7 @@ BUCKETS = tuple(1 << i for i in range(15))  # 1 .. 16384
 MARGIN = 0.01
 FORMAT = 1
 FLUSH_BYTES = 128 << 20
+SEARCH_MAX_US = 3000.0  # run cuSPARSELt's algorithm search only where dense takes less than this
 TOLERANCE = 2e-2  # relative Frobenius error a sparse path may show against dense (fp16/bf16 rounding)
 SPARSE_PATHS = ("triton", "cusparselt")
 
@@ -273,12 +281,18 @@ def measure(layer, m_bucket: int) -> Plan:
                 if t < best:
                     best, plan.triton_config = t, cfg.key()
             plan.times_us["triton"] = best
+        else:
+            plan.times_us["triton"] = math.inf  # not a candidate at this many tokens (or no triton)
 
         if layer.cslt_packed is not None:
             algs = [0]
-            rows = -(-m_bucket // 8) * 8
-            xp = F.pad(x, (0, layer.padded_in_features - k, 0, rows - m_bucket))
-            found = cslt_search(layer.cslt_packed, xp, layer._bias_for_cslt())
+            if plan.times_us["dense"] < SEARCH_MAX_US:
+                rows = -(-m_bucket // 8) * 8
+                xp = F.pad(x, (0, layer.padded_in_features - k, 0, rows - m_bucket))
+                found = cslt_search(layer.cslt_packed, xp, layer._bias_for_cslt())
+                del xp
+            else:  # cuSPARSELt's search runs every algorithm several times: too long here, reuse a smaller bucket's
+                found = _smaller_bucket_alg(n, k, m_bucket, dtype)
             if found is not None and found not in algs:
                 algs.append(found)
             best = math.inf
@@ -295,8 +309,16 @@ def measure(layer, m_bucket: int) -> Plan:
                 if t < best:
                     best, plan.cslt_alg_id = t, alg
             plan.times_us["cusparselt"] = best
-        del x, ref
     return plan
+
+
+def _smaller_bucket_alg(n: int, k: int, m_bucket: int, dtype: torch.dtype) -> int | None:
+    """The cuSPARSELt algorithm measured best at the largest smaller bucket of this shape, if any."""
+    for b in reversed([b for b in BUCKETS if b < m_bucket]):
+        entry = _entries().get(_key(n, k, b, dtype))
+        if entry is not None and entry.get("cslt_alg_id") is not None:
+            return int(entry["cslt_alg_id"])
+    return None
 
 
 def _unmeasured(layer, m_bucket: int) -> Plan:

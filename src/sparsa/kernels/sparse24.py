@@ -389,11 +389,13 @@ class SparseLinear24(nn.Module):
         key = (bucket, self.values.dtype)
         route = self._routes.get(key)
         if route is None:
-            plan = dispatch.plan_for(self, bucket)
             paths = self.available_paths()
-            forced = os.environ.get("SPARSA_24_PATH")
-            path = forced if forced in paths else plan.best(paths)
-            route = (path, plan.config(), plan.cslt_alg_id or 0)
+            forced = os.environ.get("SPARSA_24_PATH")  # for tests and diagnosis: one path, default settings
+            if forced:
+                require(forced in paths, f"SPARSA_24_PATH={forced} but {_label(self.name)} can run: {', '.join(paths)}")
+                return (forced, None, 0)
+            plan = dispatch.plan_for(self, bucket)
+            route = (plan.best(paths), plan.config(), plan.cslt_alg_id or 0)
             if plan.measured:
                 self._routes[key] = route
         return route

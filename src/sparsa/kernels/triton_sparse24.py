@@ -20,8 +20,9 @@ the four positions separately is the same sum over K, so nothing needs
 interleaving.
 
 ``gemv`` (the decode step, one token per program): no tensor cores; each kept
-value is multiplied by the x element its 2-bit position names, shifted out of
-the group's int64 word, and accumulated in float32.
+value is multiplied by the x element its 2-bit position names (selected among
+the group's four inputs, unpacked once per column from its int64 word) and
+accumulated in float32.
 
 Split-K: with few output tiles (tall-skinny layers, decode), ``split_k``
 programs share a tile's K range. Each writes its float32 partial to a
@@ -74,21 +75,20 @@ TRITON_MAX_M = 256
 # "mma": tensor cores, tokens padded to BLOCK_M >= 16; warps = block_n / 16 so
 # that no warp duplicates another's rows (64 rows and 4 warps: one wgmma tile).
 MMA_SHAPES: tuple[tuple[int, int, int, int], ...] = (
-    (16, 256, 1, 3),
-    (32, 256, 2, 3),
     (64, 128, 4, 3),
-    (64, 256, 4, 3),
+    (64, 256, 4, 3),  # not with BLOCK_M = 64: too many registers
     (128, 128, 8, 3),
 )
-# "gemv": one token per program, no tensor cores: the decode step (M = 1).
+# "gemv": one token per program, no tensor cores: the decode step (M = 1..4).
 GEMV_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (16, 256, 4, 3),
     (32, 256, 4, 4),
-    (64, 128, 4, 4),
+    (64, 256, 8, 3),
+    (32, 512, 8, 3),
 )
 KERNEL_SHAPES = {"mma": MMA_SHAPES, "gemv": GEMV_SHAPES}
 SPLITS = (1, 2, 4, 8)
-GEMV_MAX_M = 1
+GEMV_MAX_M = 4  # gemv runs a program per token, re-reading the weight tile (from L2)
 
 
 @dataclass(frozen=True)
@@ -147,6 +147,8 @@ def candidate_configs(m: int, n: int, k: int, sms: int = 132) -> list[TritonConf
     kinds = ("gemv", "mma") if m <= GEMV_MAX_M else ("mma",)
     for kind in kinds:
         for bn, bk, warps, stages in KERNEL_SHAPES[kind]:
+            if kind == "mma" and block_m_for(m) * bk > 32 * 256:
+                continue
             tiles = _cdiv(n, bn) * (m if kind == "gemv" else _cdiv(m, block_m_for(m)))
             splits = _splits(tiles, k, bk, sms) if m <= 64 else [1]
             out.extend(TritonConfig(kind, bn, bk, split, warps, stages) for split in splits)
@@ -156,7 +158,7 @@ def candidate_configs(m: int, n: int, k: int, sms: int = 132) -> list[TritonConf
 def default_config(m: int, n: int, k: int, sms: int = 132) -> TritonConfig:
     """A reasonable configuration without measuring (the dispatcher measures)."""
     kind = "gemv" if m <= GEMV_MAX_M else "mma"
-    bn, bk, warps, stages = KERNEL_SHAPES[kind][0 if kind == "gemv" else 2]
+    bn, bk, warps, stages = KERNEL_SHAPES[kind][1 if kind == "gemv" else 0]
     tiles = _cdiv(n, bn) * (m if kind == "gemv" else _cdiv(m, block_m_for(m)))
     split = _splits(tiles, k, bk, sms)[-1] if m <= 64 else 1
     return TritonConfig(kind, bn, bk, split, warps, stages)
@@ -253,10 +255,10 @@ if HAVE_TRITON:
         M, N, KG, G,
         stride_xm, stride_pn, stride_wn, stride_ym,
         split_k, steps_per_split,
-        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+        HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, NUM_STAGES: tl.constexpr,
     ):
         # One token per program (grid axis 1): no tensor cores; each kept value meets the
-        # x element its 2-bit position names, picked out of the group's 64-bit x word.
+        # x element its 2-bit position names (first is 0..2, second 1..3: two selects each).
         pid_n = tl.program_id(0)
         pid_m = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -274,21 +276,27 @@ if HAVE_TRITON:
         x_row = xq_ptr + pid_m.to(tl.int64) * stride_xm
 
         acc2 = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
-        for g0 in range(g_begin, g_end, BLOCK_G):
+        # no dot in this loop, so ask for the software pipeline explicitly
+        for g0 in tl.range(g_begin, g_end, BLOCK_G, num_stages=NUM_STAGES):
             g = g0 + offs_g
             g_ok = g < G
             w_ok = n_ok[:, None] & g_ok[None, :]
             pairs = tl.load(pair_rows + g[None, :], mask=w_ok, other=0)
             word = tl.load(word_rows + (g // 8)[None, :], mask=w_ok, other=0)
-            xq = tl.load(x_row + g, mask=g < KG, other=0)[None, :]
+            xq = tl.load(x_row + g, mask=g < KG, other=0)
+            # the group's four inputs as float32, once per column (shared by all BLOCK_N rows)
+            x0 = xq.to(tl.int16).to(dt, bitcast=True).to(tl.float32)[None, :]
+            x1 = (xq >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)[None, :]
+            x2 = (xq >> 32).to(tl.int16).to(dt, bitcast=True).to(tl.float32)[None, :]
+            x3 = (xq >> 48).to(tl.int16).to(dt, bitcast=True).to(tl.float32)[None, :]
             nibble = (word >> ((g % 8) * 4)[None, :]) & 15
-            shift0 = ((nibble & 3) * 16).to(tl.int64)
-            shift1 = ((nibble >> 2) * 16).to(tl.int64)
-            x0 = (xq >> shift0).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
-            x1 = (xq >> shift1).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
+            first = nibble & 3  # 0..2
+            second = nibble >> 2  # 1..3
+            xa = tl.where(first == 0, x0, tl.where(first == 1, x1, x2))
+            xb = tl.where(second == 3, x3, tl.where(second == 2, x2, x1))
             v0 = pairs.to(tl.int16).to(dt, bitcast=True).to(tl.float32)
             v1 = (pairs >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
-            acc2 += v0 * x0 + v1 * x1
+            acc2 += v0 * xa + v1 * xb
 
         acc = tl.sum(acc2, axis=1)[:, None]
         offs_m = pid_m + tl.arange(0, 1)
@@ -365,7 +373,7 @@ def sparse24_matmul(
     )
     if gemv:
         _sparse24_gemv_kernel[grid](
-            *args, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_G=bg,
+            *args, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_G=bg, NUM_STAGES=cfg.num_stages,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:

@@ -1,0 +1,230 @@
+"""2:4 sparse kernels on the CPU: the compressed format, input errors, accelerate's CPU fallback,
+and the Triton kernels under Triton's interpreter (when triton is installed)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from sparsa.errors import InputError
+from sparsa.kernels import SparseLinear24, accelerate, bucket, compress_24, decompress_24, is_24
+
+accelerate_module = importlib.import_module("sparsa.kernels.accelerate")  # the package's `accelerate` is the function
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def random_24(n: int, k: int, dtype=torch.float32, seed: int = 0, fewer: float = 0.25) -> torch.Tensor:
+    """A random 2:4 weight; a share ``fewer`` of the kept entries is zeroed (groups with 0 or 1 nonzeros)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g)
+    keep = torch.rand(n, k // 4, 4, generator=g).argsort(dim=2)[..., :2]
+    mask = torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter_(2, keep, True)
+    mask &= torch.rand(n, k // 4, 4, generator=g) >= fewer
+    return (w * mask.reshape(n, k)).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 4), (8, 32), (7, 20), (33, 100), (16, 4100)])
+def test_round_trip_is_exact(shape, dtype):
+    w = random_24(*shape, dtype=dtype)
+    c = compress_24(w)
+    n, k = shape
+    kp = -(-k // 32) * 32
+    assert c.values.shape == (n, kp // 2) and c.values.dtype == dtype
+    assert c.meta.shape == (n, kp // 8) and c.meta.dtype == torch.uint8
+    assert c.shape == (n, k) and c.padded_in_features == kp
+    assert torch.equal(decompress_24(c), w)
+
+
+def test_round_trip_extreme_groups():
+    w = torch.zeros(3, 16)
+    w[1, 3] = 5.0  # a single nonzero at the last position
+    w[2] = torch.arange(1.0, 17.0) * torch.tensor([0, 1, 1, 0] * 4)  # two in the middle of every group
+    assert torch.equal(decompress_24(compress_24(w)), w)
+
+
+def test_layout_is_as_documented():
+    # row 0: group 0 keeps inputs 1 and 3, group 1 keeps only input 2, groups 2.. are empty
+    w = torch.zeros(1, 32)
+    w[0, 1], w[0, 3], w[0, 6] = 1.0, 2.0, 3.0
+    c = compress_24(w)
+    assert c.values[0, :4].tolist() == [1.0, 2.0, 0.0, 3.0]  # group 1 pads its free slot 0 with a zero
+    first_byte = int(c.meta[0, 0])
+    assert first_byte & 0xF == 1 | (3 << 2)  # group 0: positions 1, 3
+    assert first_byte >> 4 == 0 | (2 << 2)  # group 1: positions 0 (the zero), 2
+    assert int(c.meta[0, 1]) == (0 | 1 << 2) | (0 | 1 << 2) << 4  # empty groups: positions 0, 1
+
+
+def test_not_24_is_rejected_with_the_layer_name():
+    w = random_24(8, 16)
+    w[3, 4:8] = 1.0  # four nonzeros in one group
+    assert not is_24(w)
+    with pytest.raises(InputError, match="model.layers.0.mlp.up_proj.*2:4.*--pattern 2:4"):
+        compress_24(w, "model.layers.0.mlp.up_proj")
+    with pytest.raises(InputError, match="not a multiple of 4"):
+        compress_24(torch.zeros(4, 10), "odd")
+
+
+def _linear(w: torch.Tensor, bias: bool = False) -> nn.Linear:
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=bias, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+    return lin
+
+
+def test_from_linear_errors_name_the_layer():
+    dense = _linear(torch.randn(8, 16, dtype=torch.float16))
+    with pytest.raises(InputError, match="layer q_proj is not 2:4 sparse.*--pattern 2:4"):
+        SparseLinear24.from_linear(dense, "q_proj")
+    fp32 = _linear(random_24(8, 16))
+    with pytest.raises(InputError, match="layer k_proj has dtype float32.*float16 or bfloat16"):
+        SparseLinear24.from_linear(fp32, "k_proj")
+    cpu = _linear(random_24(8, 16, dtype=torch.float16))
+    with pytest.raises(InputError, match="layer v_proj is on cpu.*CUDA"):
+        SparseLinear24.from_linear(cpu, "v_proj")
+
+
+def test_buckets():
+    assert [bucket(m) for m in (1, 2, 3, 17, 64, 65, 1000, 4096, 16384, 50000)] == [1, 2, 4, 32, 64, 128, 1024, 4096, 16384, 16384]
+
+
+def _tiny_24_llama(dtype=torch.bfloat16):
+    from conftest import tiny_llama_config
+    from transformers import LlamaForCausalLM
+
+    from sparsa.prune.patterns import mask_nm
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(256)).to(dtype).eval()
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and name != "lm_head":
+                module.weight.mul_(mask_nm(module.weight.float().abs(), 2, 4))
+    return model
+
+
+def test_accelerate_on_cpu_leaves_the_model_and_warns_once(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(accelerate_module, "_WARNED", False)
+    model = _tiny_24_llama()
+    before = {name: module for name, module in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = accelerate(model)
+        again = accelerate(model)
+    messages = [str(w.message) for w in caught if "sparsa.accelerate" in str(w.message)]
+    assert messages == ["sparsa.accelerate: no CUDA GPU, 2:4 layers stay dense"]
+    assert report["replaced"] == [] and not report["accelerated"] and again["replaced"] == []
+    assert "no CUDA GPU" in report["reason"]
+    assert dict(model.named_modules()) == before
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    # what it would have done: every decoder linear is 2:4, the dense head is not
+    assert report["sparse_fraction"] > 0.5
+    assert report["skipped"]["lm_head"] == "not 2:4 sparse"
+    assert report["skipped"]["model.layers.0.self_attn.q_proj"] == "on cpu, not a CUDA GPU"
+
+
+# ----------------------------------------------------------------------------- Triton interpreter
+
+INTERPRETER_SCRIPT = textwrap.dedent(
+    r"""
+    import os, sys
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    import numpy as np
+    import triton.language as tl
+    import triton.runtime.interpreter as interp
+
+    # Two gaps of Triton's CPU interpreter, patched here only (the GPU compiler needs neither):
+    # NumPy >= 2.4 no longer turns 1-element arrays into ints (loop bounds from program ids),
+    # and its tl.dot multiplies bfloat16 bit patterns as integers.
+    try:
+        int(np.array([1]))
+    except TypeError:
+        _patch = interp._patch_lang_tensor
+
+        def _patch_lang_tensor(tensor, scope):
+            _patch(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+        interp._patch_lang_tensor = _patch_lang_tensor
+    _dot = interp.InterpreterBuilder.create_dot
+
+    def _create_dot(self, a, b, d, *rest):
+        def f32(h):
+            if h.dtype.scalar != tl.bfloat16:
+                return h
+            return interp.TensorHandle(interp._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32), tl.float32)
+        return _dot(self, f32(a), f32(b), d, *rest)
+
+    interp.InterpreterBuilder.create_dot = _create_dot
+
+    import torch
+    from sparsa.kernels.sparse24 import SparseLinear24, compress_24
+    from sparsa.kernels.triton_sparse24 import TritonConfig, sparse24_matmul
+
+    def random_24(n, k, dtype, seed):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(n, k, generator=g)
+        keep = torch.rand(n, k // 4, 4, generator=g).argsort(dim=2)[..., :2]
+        mask = torch.zeros(n, k // 4, 4, dtype=torch.bool).scatter_(2, keep, True)
+        mask &= torch.rand(n, k // 4, 4, generator=g) >= 0.2
+        return (w * mask.reshape(n, k)).to(dtype)
+
+    cases = [  # m, n, k, config (small blocks: the interpreter is slow)
+        (1, 40, 72, TritonConfig("gemv", 16, 64, 1, 4, 1)),
+        (3, 50, 328, TritonConfig("gemv", 32, 64, 4, 4, 1)),
+        (3, 33, 200, TritonConfig("mma", 32, 64, 2, 4, 1)),
+        (17, 20, 136, TritonConfig("mma", 16, 64, 3, 4, 1)),
+        (5, 16, 4100, TritonConfig("mma", 16, 256, 1, 4, 1)),
+    ]
+    worst = 0.0
+    for dtype in (torch.float16, torch.bfloat16):
+        for seed, (m, n, k, cfg) in enumerate(cases):
+            for with_bias in (False, True):
+                w = random_24(n, k, dtype, seed)
+                g = torch.Generator().manual_seed(100 + seed)
+                x = torch.randn(m, k, generator=g).to(dtype)
+                bias = torch.randn(n, generator=g).to(dtype) if with_bias else None
+                c = compress_24(w)
+                out = torch.full((m, n), float("nan"), dtype=dtype)
+                y = sparse24_matmul(x, c.values, c.meta, k, bias, cfg, out=out)
+                ref = x.double() @ w.double().T + (bias.double() if with_bias else 0)
+                err = ((y.double() - ref).norm() / ref.norm()).item()
+                assert not torch.isnan(y).any(), (dtype, m, n, k, cfg)
+                assert err < 1e-2, (dtype, m, n, k, cfg, err)
+                worst = max(worst, err)
+        # the module, on the Triton path by name (no dispatch on the CPU)
+        w = random_24(24, 96, dtype, 7)
+        layer = SparseLinear24(compress_24(w), torch.randn(24).to(dtype), name="t", dense_weight=w)
+        x = torch.randn(2, 3, 96).to(dtype)
+        ref = x.double() @ w.double().T + layer.bias.double()
+        for path in ("triton", "dense"):
+            os.environ["SPARSA_24_PATH"] = path
+            with torch.no_grad():
+                y = layer(x)
+            assert y.shape == (2, 3, 24)
+            assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2, path
+    print(f"interpreter ok, worst relative error {worst:.2e}")
+    """
+)
+
+
+def test_triton_kernels_under_the_interpreter(tmp_path):
+    pytest.importorskip("triton")
+    script = tmp_path / "interpret.py"
+    script.write_text(INTERPRETER_SCRIPT)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    env.pop("SPARSA_24_PATH", None)
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "interpreter ok" in result.stdout
