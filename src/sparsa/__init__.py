@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 from .api import evaluate, inspect, load_model, prune, save  # noqa: E402
 from .errors import SparsaError  # noqa: E402
+from .kernels import accelerate  # noqa: E402
 from .prune.config import PruneConfig  # noqa: E402
 
-__all__ = ["PruneConfig", "SparsaError", "__version__", "evaluate", "inspect", "load_model", "prune", "save"]
+__all__ = ["PruneConfig", "SparsaError", "__version__", "accelerate", "evaluate", "inspect", "load_model", "prune", "save"]

@@ -27,6 +27,12 @@ turn out identical to ``values``, the two share memory), and, unless
 ``keep_dense=False``, a reference to the original dense weight for the token
 counts where dense cuBLAS measures faster. ``forward`` picks the path per
 token-count bucket from :mod:`sparsa.kernels.dispatch`. Inference only.
+
+Memory beside the dense weight it references: 0.5625x of it for values +
+metadata, and about as much again for cuSPARSELt's copy (only its metadata,
+~0.06x, when the values are shared). With ``keep_dense=False`` the dense
+weight can be freed. ``SPARSA_24_PATH=triton|cusparselt|dense`` forces one
+path with default settings (tests, diagnosis).
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ __all__ = [
 K_ALIGN = 32  # Kp: K padded to a multiple of this (cuSPARSELt wants 16; the kernel reads metadata as int32 = 8 groups)
 N_ALIGN_CSLT = 16  # cuSPARSELt also wants the sparse matrix's rows a multiple of 16
 M_ALIGN_CSLT = 8  # and the dense operand's rows (tokens) a multiple of 8
-ROWS_PER_CHUNK = 4096  # compression works on slabs of rows to bound temporaries
+ROWS_PER_CHUNK = 1024  # compression works on slabs of rows to bound temporaries (~40 bytes per group)
 PATHS = ("triton", "cusparselt", "dense")
 DTYPES = (torch.float16, torch.bfloat16)
 
@@ -149,14 +155,14 @@ def compress_24(weight: torch.Tensor, name: str = "") -> Compressed24:
     values = torch.empty((n, kp // 2), dtype=weight.dtype, device=weight.device)
     meta = torch.empty((n, kp // 8), dtype=torch.uint8, device=weight.device)
     table = _TABLE.to(weight.device)
-    bit = torch.tensor([1, 2, 4, 8], dtype=torch.int64, device=weight.device)
     for start in range(0, n, ROWS_PER_CHUNK):
         rows = weight[start : start + ROWS_PER_CHUNK]
         if kp != k:
             rows = F.pad(rows, (0, kp - k))
         groups = rows.reshape(rows.shape[0], kp // 4, 4)
-        code = ((groups != 0).to(torch.int64) * bit).sum(dim=2)  # [r, Kp/4] in 0..15
-        positions = table[code]  # [r, Kp/4, 2], first < second
+        nz = groups != 0
+        code = nz[..., 0] | (nz[..., 1] << 1) | (nz[..., 2] << 2) | (nz[..., 3] << 3)  # [r, Kp/4] in 0..15
+        positions = table[code.long()]  # [r, Kp/4, 2], first < second
         values[start : start + rows.shape[0]] = torch.gather(groups, 2, positions).reshape(rows.shape[0], kp // 2)
         nibble = positions[..., 0] | (positions[..., 1] << 2)  # [r, Kp/4]
         pairs = nibble.reshape(rows.shape[0], kp // 8, 2)
@@ -189,7 +195,12 @@ def _cslt_ops() -> tuple:
 
 
 def cusparselt_available() -> bool:
-    """cuSPARSELt usable here: a CUDA torch built with it, and the private ops present."""
+    """cuSPARSELt usable here: a CUDA torch built with it, and the private ops present.
+
+    ``SPARSA_CUSPARSELT=0`` turns the path off (it crashed on an H100 in its first test run).
+    """
+    if os.environ.get("SPARSA_CUSPARSELT", "1") == "0":
+        return False
     try:
         _cslt_ops()
         return bool(torch.cuda.is_available() and torch.backends.cusparselt.is_available())
@@ -405,6 +416,8 @@ class SparseLinear24(nn.Module):
             raise InputError(f"{_label(self.name)} expects {self.in_features} input features, got shape {tuple(x.shape)}")
         if x.dtype != self.values.dtype:
             raise InputError(f"{_label(self.name)} is {self.values.dtype} but got a {x.dtype} input; cast the input or the model")
+        if x.device != self.values.device:
+            raise InputError(f"{_label(self.name)} is on {self.values.device} but got an input on {x.device}")
         if torch.is_grad_enabled() and x.requires_grad:
             raise InputError(f"{_label(self.name)}: 2:4 sparse layers are inference-only; run under torch.no_grad()")
         lead = x.shape[:-1]

@@ -167,7 +167,7 @@ def default_config(m: int, n: int, k: int, sms: int = 132) -> TritonConfig:
 if HAVE_TRITON:
 
     @triton.jit
-    def _finish(acc, y_ptr, bias_ptr, ws_ptr, count_ptr, offs_n, offs_m, M, N, stride_ym, pid_n, pid_m, pid_k, split_k,
+    def _finish(acc, y_ptr, bias_ptr, ws_ptr, count_ptr, offs_n, offs_m, M, N, stride_ym, tile, pid_k, split_k,
                 HAS_BIAS: tl.constexpr):
         """Store ``acc`` [BLOCK_N, BLOCK_M] as y^T (+ bias); with split-K, the last program of a tile sums the partials."""
         out_ty = y_ptr.dtype.element_ty
@@ -184,7 +184,6 @@ if HAVE_TRITON:
             tl.store(ws_ptr + pid_k * plane + ws_offs, acc, mask=out_ok)
             # every thread's partial is written before one thread signals arrival
             tl.debug_barrier()
-            tile = pid_m * tl.num_programs(0) + pid_n
             arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
             if arrived == split_k - 1:
                 total = tl.zeros_like(acc)
@@ -195,7 +194,14 @@ if HAVE_TRITON:
                 tl.store(y_ptr + y_offs, total.to(out_ty), mask=out_ok)
                 tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
 
-    @triton.jit(do_not_specialize=["M", "split_k", "steps_per_split"])
+    @triton.jit
+    def _group_words(word_rows, g0, n_ok, G, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+        """The metadata word of each group g0 .. g0+BLOCK_G-1 (one load per word, then repeated 8 times)."""
+        gw = g0 // 8 + tl.arange(0, BLOCK_G // 8)
+        words = tl.load(word_rows + gw[None, :], mask=n_ok[:, None] & (gw < G // 8)[None, :], other=0)
+        return tl.reshape(tl.broadcast_to(words[:, :, None], (BLOCK_N, BLOCK_G // 8, 8)), (BLOCK_N, BLOCK_G))
+
+    @triton.jit(do_not_specialize=["M", "N", "KG", "G", "split_k", "steps_per_split"])
     def _sparse24_mma_kernel(
         xq_ptr, pairs_ptr, words_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr,
         M, N, KG, G,
@@ -205,8 +211,8 @@ if HAVE_TRITON:
     ):
         # xq: x as int64, one word = the 4 inputs of a group; pairs: int32 = the 2 kept values of a group;
         # words: int32 = the metadata nibbles of 8 consecutive groups (group 8w+j in bits 4j..4j+3).
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
+        pid_m = tl.program_id(0)  # token blocks vary fastest: programs sharing a weight tile run together
+        pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         dt = y_ptr.dtype.element_ty
 
@@ -232,24 +238,28 @@ if HAVE_TRITON:
             g_ok = g < G
             w_ok = n_ok[:, None] & g_ok[None, :]
             pairs = tl.load(pair_rows + g[None, :], mask=w_ok, other=0)
-            word = tl.load(word_rows + (g // 8)[None, :], mask=w_ok, other=0)
+            word = _group_words(word_rows, g0, n_ok, G, BLOCK_N, BLOCK_G)
             xq = tl.load(x_rows + g[:, None], mask=(g < KG)[:, None] & m_ok[None, :], other=0)
             nibble = (word >> ((g % 8) * 4)[None, :]) & 15
-            first = nibble & 3
-            second = nibble >> 2
+            first = nibble & 3  # 0..2
+            second = nibble >> 2  # 1..3
             v0 = pairs.to(tl.int16).to(dt, bitcast=True)
             v1 = (pairs >> 16).to(tl.int16).to(dt, bitcast=True)
             zero = tl.zeros_like(v0)
-            for p in tl.static_range(4):
-                # the weights at inputs 4g+p, times x at inputs 4g+p
-                w_p = tl.where(first == p, v0, tl.where(second == p, v1, zero))
-                x_p = (xq >> (16 * p)).to(tl.int16).to(dt, bitcast=True)
-                acc = tl.dot(w_p, x_p, acc)
+            # the weights at inputs 4g+p (p = 0..3), times x at inputs 4g+p
+            w0 = tl.where(first == 0, v0, zero)
+            w1 = tl.where(first == 1, v0, tl.where(second == 1, v1, zero))
+            w2 = tl.where(first == 2, v0, tl.where(second == 2, v1, zero))
+            w3 = tl.where(second == 3, v1, zero)
+            acc = tl.dot(w0, xq.to(tl.int16).to(dt, bitcast=True), acc)
+            acc = tl.dot(w1, (xq >> 16).to(tl.int16).to(dt, bitcast=True), acc)
+            acc = tl.dot(w2, (xq >> 32).to(tl.int16).to(dt, bitcast=True), acc)
+            acc = tl.dot(w3, (xq >> 48).to(tl.int16).to(dt, bitcast=True), acc)
 
-        _finish(acc, y_ptr, bias_ptr, ws_ptr, count_ptr, offs_n, offs_m, M, N, stride_ym, pid_n, pid_m, pid_k, split_k,
-                HAS_BIAS)
+        tile = pid_n * tl.num_programs(0) + pid_m
+        _finish(acc, y_ptr, bias_ptr, ws_ptr, count_ptr, offs_n, offs_m, M, N, stride_ym, tile, pid_k, split_k, HAS_BIAS)
 
-    @triton.jit(do_not_specialize=["M", "split_k", "steps_per_split"])
+    @triton.jit(do_not_specialize=["M", "N", "KG", "G", "split_k", "steps_per_split"])
     def _sparse24_gemv_kernel(
         xq_ptr, pairs_ptr, words_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr,
         M, N, KG, G,
@@ -257,10 +267,10 @@ if HAVE_TRITON:
         split_k, steps_per_split,
         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, NUM_STAGES: tl.constexpr,
     ):
-        # One token per program (grid axis 1): no tensor cores; each kept value meets the
+        # One token per program (grid axis 0): no tensor cores; each kept value meets the
         # x element its 2-bit position names (first is 0..2, second 1..3: two selects each).
-        pid_n = tl.program_id(0)
-        pid_m = tl.program_id(1)
+        pid_m = tl.program_id(0)  # token blocks vary fastest: programs sharing a weight tile run together
+        pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         dt = y_ptr.dtype.element_ty
 
@@ -282,7 +292,7 @@ if HAVE_TRITON:
             g_ok = g < G
             w_ok = n_ok[:, None] & g_ok[None, :]
             pairs = tl.load(pair_rows + g[None, :], mask=w_ok, other=0)
-            word = tl.load(word_rows + (g // 8)[None, :], mask=w_ok, other=0)
+            word = _group_words(word_rows, g0, n_ok, G, BLOCK_N, BLOCK_G)
             xq = tl.load(x_row + g, mask=g < KG, other=0)
             # the group's four inputs as float32, once per column (shared by all BLOCK_N rows)
             x0 = xq.to(tl.int16).to(dt, bitcast=True).to(tl.float32)[None, :]
@@ -296,12 +306,13 @@ if HAVE_TRITON:
             xb = tl.where(second == 3, x3, tl.where(second == 2, x2, x1))
             v0 = pairs.to(tl.int16).to(dt, bitcast=True).to(tl.float32)
             v1 = (pairs >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
-            acc2 += v0 * xa + v1 * xb
+            acc2 += v0 * xa
+            acc2 += v1 * xb
 
         acc = tl.sum(acc2, axis=1)[:, None]
         offs_m = pid_m + tl.arange(0, 1)
-        _finish(acc, y_ptr, bias_ptr, ws_ptr, count_ptr, offs_n, offs_m, M, N, stride_ym, pid_n, pid_m, pid_k, split_k,
-                HAS_BIAS)
+        tile = pid_n * tl.num_programs(0) + pid_m
+        _finish(acc, y_ptr, bias_ptr, ws_ptr, count_ptr, offs_n, offs_m, M, N, stride_ym, tile, pid_k, split_k, HAS_BIAS)
 
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -353,13 +364,13 @@ def sparse24_matmul(
     bg = cfg.block_k // 4
     steps = _cdiv(_cdiv(groups, cfg.split_k), bg)  # BLOCK_G steps per split
     split = _cdiv(groups, steps * bg)
-    grid = (_cdiv(n, cfg.block_n), _cdiv(m, bm), split)
+    grid = (_cdiv(m, bm), _cdiv(n, cfg.block_n), split)
     if split > 1:
         workspace = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
         counters = _counters(x.device, grid[0] * grid[1])
-    else:
-        workspace = out
+    else:  # unused: same types as with split-K, so both share one compiled kernel
         counters = _counters(x.device, 1)
+        workspace = counters.view(torch.float32)[:1]
     pairs = values.view(torch.int32)
     words = meta.view(torch.int32)
     if x.stride(0) % 4 or x.storage_offset() % 4:
