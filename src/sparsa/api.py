@@ -42,11 +42,12 @@ def inspect(lm: LoadedModel) -> SparsityReport:
     return sparsity_report(lm.model)
 
 
-def prune(lm: LoadedModel, config: PruneConfig | None = None, *, checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, progress: bool = True, **overrides) -> dict:
+def prune(lm: LoadedModel, config: PruneConfig | None = None, *, device: str | None = None, checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, progress: bool = True, **overrides) -> dict:
     """Prune ``lm`` in place, one decoder layer at a time; returns the run's record.
 
     ``config`` fields may also be given as keyword arguments:
-    ``sparsa.prune(lm, method="sparsegpt", pattern="2:4")``.
+    ``sparsa.prune(lm, method="sparsegpt", pattern="2:4")``. ``device`` runs each
+    layer there while the model stays where it is (e.g. "cuda" for a model in CPU memory).
     """
     from .prune.pipeline import prune_model
 
@@ -56,7 +57,7 @@ def prune(lm: LoadedModel, config: PruneConfig | None = None, *, checkpoint_dir:
         from dataclasses import replace
 
         config = replace(config, **overrides)
-    return prune_model(lm, config, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
+    return prune_model(lm, config, device=device, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
 
 
 def save(lm: LoadedModel, out: str | os.PathLike, *, force: bool = False) -> Path:

@@ -71,8 +71,7 @@ def _positive(text: str) -> int:
 
 
 def _tokens(text: str) -> int:
-    value = _positive(text) if text != "0" else 0
-    return value
+    return 0 if text == "0" else _positive(text)
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -143,10 +142,9 @@ def _load(args):
 
 
 def cmd_prune(args) -> int:
-    from .api import evaluate, inspect
+    from .api import evaluate, inspect, prune
     from .models import check_output, save_model
     from .prune.config import PruneConfig
-    from .prune.pipeline import prune_model
 
     config = PruneConfig(
         method=args.method, sparsity=args.sparsity, pattern=args.pattern, calibration=args.calibration,
@@ -161,7 +159,7 @@ def cmd_prune(args) -> int:
     if not args.no_eval:
         before = evaluate(lm, args.eval_text, **evaluate_kw)
         rows.append(("dense", inspect(lm), before))
-    record = prune_model(lm, config, device=args.compute_device, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+    record = prune(lm, config, device=args.compute_device, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
     _say(f"pruned in {record['seconds']:.1f} s")
     if not args.no_eval:
         after = evaluate(lm, args.eval_text, **evaluate_kw)

@@ -269,15 +269,7 @@ def measure(layer, m_bucket: int) -> Plan:
         if HAVE_TRITON and m_bucket <= TRITON_MAX_M:
             best = math.inf
             for cfg in candidate_configs(m_bucket, n, k, _sm_count(device)):
-                try:
-                    err = _rel_error(layer.run(x, "triton", config=cfg), ref)
-                    if not err < TOLERANCE:
-                        plan.errors[f"triton {cfg.key()}"] = f"relative error {err:.3g}"
-                        continue
-                    t = time_us(lambda cfg=cfg: layer.run(x, "triton", config=cfg), device)
-                except Exception as exc:  # noqa: BLE001 - a failing configuration is skipped, and recorded
-                    plan.errors[f"triton {cfg.key()}"] = f"{type(exc).__name__}: {exc}"[:300]
-                    continue
+                t = _checked_time(plan, f"triton {cfg.key()}", lambda cfg=cfg: layer.run(x, "triton", config=cfg), ref, device)
                 if t < best:
                     best, plan.triton_config = t, cfg.key()
             plan.times_us["triton"] = best
@@ -297,19 +289,24 @@ def measure(layer, m_bucket: int) -> Plan:
                 algs.append(found)
             best = math.inf
             for alg in algs:
-                try:
-                    err = _rel_error(layer.run(x, "cusparselt", alg_id=alg), ref)
-                    if not err < TOLERANCE:
-                        plan.errors[f"cusparselt alg {alg}"] = f"relative error {err:.3g}"
-                        continue
-                    t = time_us(lambda alg=alg: layer.run(x, "cusparselt", alg_id=alg), device)
-                except Exception as exc:  # noqa: BLE001
-                    plan.errors[f"cusparselt alg {alg}"] = f"{type(exc).__name__}: {exc}"[:300]
-                    continue
+                t = _checked_time(plan, f"cusparselt alg {alg}", lambda alg=alg: layer.run(x, "cusparselt", alg_id=alg), ref, device)
                 if t < best:
                     best, plan.cslt_alg_id = t, alg
             plan.times_us["cusparselt"] = best
     return plan
+
+
+def _checked_time(plan: Plan, label: str, run, ref: torch.Tensor, device: torch.device) -> float:
+    """Time ``run`` if its output matches ``ref``; a wrong or failing candidate is recorded and gets inf."""
+    try:
+        err = _rel_error(run(), ref)
+        if not err < TOLERANCE:
+            plan.errors[label] = f"relative error {err:.3g}"
+            return math.inf
+        return time_us(run, device)
+    except Exception as exc:  # noqa: BLE001 - a failing candidate is skipped, and recorded
+        plan.errors[label] = f"{type(exc).__name__}: {exc}"[:300]
+        return math.inf
 
 
 def _smaller_bucket_alg(n: int, k: int, m_bucket: int, dtype: torch.dtype) -> int | None:

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -140,10 +141,7 @@ def count_parameters(model: nn.Module) -> int:
 def _from_pretrained(directory, torch_dtype: torch.dtype, name: str):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    quiet = logging.getLogger("transformers")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
+    with _quiet_transformers():
         try:
             config = AutoConfig.from_pretrained(directory)
         except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
@@ -160,8 +158,6 @@ def _from_pretrained(directory, torch_dtype: torch.dtype, name: str):
             tokenizer = AutoTokenizer.from_pretrained(directory)
         except Exception as e:  # safetensors, tokenizers and torch each raise their own types on damaged files
             raise ModelError(f"cannot load {name} (is a file corrupt or incomplete?): {_first_line(e)}") from None
-    finally:
-        quiet.setLevel(level)
     adapter_for(model)  # fail early, with the list of supported families
     return model, tokenizer
 
@@ -177,16 +173,12 @@ def _gguf_cache(path: Path) -> Path:
     target = cache_dir() / "gguf" / f"{path.stem}-{_fingerprint(path)}"
     if (target / "config.json").is_file():
         return target
-    quiet = logging.getLogger("transformers")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with _quiet_transformers():
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:  # gguf raises assorted errors on damaged files
         raise ModelError(f"cannot read GGUF file {path} (corrupt or unsupported?): {_first_line(e)}") from None
-    finally:
-        quiet.setLevel(level)
     # The weights are plain float32 now; drop the GGUF quantizer so the model can be saved.
     model.hf_quantizer = None
     model.is_quantized = False
@@ -203,6 +195,18 @@ def _gguf_cache(path: Path) -> Path:
         if not (target / "config.json").is_file():  # a concurrent writer did not win either
             raise
     return target
+
+
+@contextmanager
+def _quiet_transformers():
+    """transformers' warnings off while it loads (our own errors say what matters)."""
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _is_gguf(path: Path) -> bool:

@@ -69,7 +69,6 @@ def prune_model(
     """
     model = lm.model
     adapter = adapter_for(model)
-    layers = adapter.layers(model)
     device = device or str(next(model.parameters()).device)
     started = time.perf_counter()
     targets = _targets(model, adapter, config)
@@ -86,7 +85,7 @@ def prune_model(
         report = _structured(lm, config, calib, device, progress)
         budgets = None
     else:
-        budgets = _owl(model, adapter, config, calib, targets, device, progress) if config.owl else None
+        budgets = _owl(model, config, calib, targets, device, progress) if config.owl else None
         report = _sequential(lm, config, calib, targets, budgets, device, checkpoint_dir, resume, progress)
     record = {
         "method": config.method,
@@ -304,7 +303,7 @@ def activation_norms(model, calib: Calibration, names: list[dict[str, nn.Linear]
     return result
 
 
-def _owl(model, adapter, config, calib, targets, device, progress) -> list[float]:
+def _owl(model, config, calib, targets, device, progress) -> list[float]:
     norms = activation_norms(model, calib, targets, device, progress, "OWL outliers")
     ratios, sizes = [], []
     for linears, layer_norms in zip(targets, norms):
