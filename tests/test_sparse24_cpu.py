@@ -183,6 +183,7 @@ INTERPRETER_SCRIPT = textwrap.dedent(
     cases = [  # m, n, k, config (small blocks: the interpreter is slow)
         (1, 40, 72, TritonConfig("gemv", 16, 64, 1, 4, 1)),
         (3, 50, 328, TritonConfig("gemv", 32, 64, 4, 4, 1)),
+        (2, 40, 328, TritonConfig("gemvg", 16, 64, 2, 4, 1)),
         (3, 33, 200, TritonConfig("mma", 32, 64, 2, 4, 1)),
         (17, 20, 136, TritonConfig("mma", 16, 64, 3, 4, 1)),
         (5, 16, 4100, TritonConfig("mma", 16, 256, 1, 4, 1)),

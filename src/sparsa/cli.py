@@ -42,6 +42,19 @@ examples:
   sparsa inspect smol-24 --json     # the same as JSON
 """
 
+EPILOG_BENCH = """\
+examples:
+  sparsa bench linear                            # Llama-3-8B linear shapes, bf16, M = 1 .. 16384
+  sparsa bench linear --model 70B --dtype fp16 --tokens 1,4096
+  sparsa bench linear --shape 4096x14336 --json down.json
+
+Each row: dense cuBLAS, torch's stock semi-structured 2:4 path and sparsa's
+SparseLinear24 (Triton for few tokens, cuSPARSELt for many, dense where that
+measures faster), timed alternately on a random 2:4 weight; ratios are dense
+time over each (> 1 is faster). Needs a CUDA GPU and triton. The first run of
+a shape measures the dispatch and caches it (~/.cache/sparsa).
+"""
+
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line naming the fix, not a usage dump."""
@@ -127,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
     _model_arg(p)
     p.add_argument("--layers", action="store_true", help="one row per linear layer")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+    p = sub.add_parser("bench", help="measure sparse kernels against dense on this GPU", description="Measure sparse kernels against dense, side by side, on this machine's GPU.", epilog=EPILOG_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["linear"], help="linear: 2:4 linear layers (dense vs stock vs ours)")
+    p.add_argument("--model", default="8B", choices=["8B", "70B"], help="Llama-3 linear shapes to use (default: 8B)")
+    p.add_argument("--shape", default=None, metavar="NxK", help="one layer shape instead, e.g. 4096x14336 (out x in)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="weight and input dtype (default: bf16)")
+    p.add_argument("--tokens", default="1,16,64,128,1024,4096,16384", help="comma-separated token counts M (default: 1,16,64,128,1024,4096,16384)")
+    p.add_argument("--rep-ms", type=_positive, default=30, help="timing per measurement in ms (default: 30)")
+    p.add_argument("--json", dest="json_out", default=None, help="also write every case to this JSON file")
     return parser
 
 
@@ -240,7 +262,57 @@ def _table_before_after(name: str, rows) -> None:
     ])
 
 
-COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "inspect": cmd_inspect}
+def _shape(text: str) -> tuple[int, int]:
+    try:
+        n, k = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--shape {text!r} is not NxK; give out x in features, e.g. 4096x14336") from None
+    if n <= 0 or k <= 0 or k % 4:
+        raise InputError(f"--shape {text}: both sizes must be positive and K a multiple of 4 for 2:4")
+    return n, k
+
+
+def cmd_bench(args) -> int:
+    import torch
+
+    from .kernels import bench_linear as bl
+
+    tokens = []
+    for part in args.tokens.split(","):
+        if not part.strip().isdigit() or int(part) < 1:
+            raise InputError(f"--tokens {args.tokens!r}: give positive integers separated by commas, e.g. 1,16,4096")
+        tokens.append(int(part))
+    shapes = [(args.model, *s) for s in bl.SHAPES[args.model]]
+    if args.shape:
+        shapes = [("-", "custom", *_shape(args.shape))]
+    if not torch.cuda.is_available():
+        raise InputError("sparsa bench needs a CUDA GPU (none found); run it on a GPU machine")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise InputError("sparsa bench linear needs triton: pip install 'sparsa[gpu]'") from None
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*semi.?structured.*")
+    cases = []
+    _say(f"{torch.cuda.get_device_name()}, {args.dtype}; dispatch measured on first use and cached")
+    print(bl.format_header(), flush=True)
+    for model, layer, n, k in shapes:
+        for case in bl.run_shape(model, layer, n, k, args.dtype, tokens, float(args.rep_ms)):
+            cases.append(case)
+            print(bl.format_case(case), flush=True)
+    summary = bl.summarize(cases)
+    print("\n".join(bl.format_summary(summary)))
+    if args.json_out:
+        from .benchmarking import environment
+        from .models.saving import atomic_write_text
+
+        atomic_write_text(args.json_out, json.dumps({**environment(), "summary": summary, "cases": cases}, indent=1, default=str))
+        _say(f"wrote {args.json_out}")
+    return 0 if summary["wrong"] == 0 else 1
+
+
+COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "inspect": cmd_inspect, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

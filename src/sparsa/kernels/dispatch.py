@@ -8,17 +8,20 @@ timed once on the real device, and the decision is kept in memory and on disk:
   kind, block sizes, warps, stages, split-K); buckets up to ``TRITON_MAX_M``
   tokens. This is the autotuning of the Triton kernels: its result is cached
   with the decision;
-* ``cusparselt``: torch's private cuSPARSELt ops with algorithm 0 and the
-  algorithm that cuSPARSELt's own search picks for that bucket (the search
-  runs every algorithm several times, so where dense takes more than
-  ``SEARCH_MAX_US`` the pick of the largest smaller bucket is tried instead);
+* ``cusparselt``: cuSPARSELt through :mod:`sparsa.kernels.cusparselt`, with
+  the fastest of its algorithms for that bucket (kept in the cache, so the
+  search runs once per shape and bucket);
 * ``dense``: ``F.linear`` (cuBLAS) on the dense weight (decompressed for the
   measurement when the layer keeps none).
 
 Timing: CUDA events around each call, the L2 cache flushed before every call
-(a 128 MiB write), a few warm-up calls (which also compile Triton kernels),
-the median of several repetitions. Each sparse output is also checked against
-the dense product before it is timed; a path that disagrees is discarded.
+(a 128 MiB write), warm-up calls for at least ``WARM_MS`` of GPU time (which
+also compile Triton kernels and bring the clocks up after compilation left
+the GPU idle), the median of several repetitions. Dense is timed before and
+after the sparse candidates and keeps the faster of the two, so a slow first
+measurement cannot make a sparse path look better than it is. Each sparse
+output is also checked against the dense product before it is timed; a path
+that disagrees is discarded.
 
 The rule: the sparse layer must never be slower than dense. A sparse path is
 chosen only when it beats dense by more than ``MARGIN`` (1%); otherwise dense.
@@ -33,7 +36,7 @@ Cache file: ``<cache_dir>/dispatch-<gpu-name>.json`` (``cache_dir()`` from
      "versions": {"torch": "...", "triton": "...", "cusparselt": "..."},
      "entries": {"4096x4096:m16:bfloat16": {
          "times_us": {"dense": 14.1, "triton": 8.9, "cusparselt": 31.0},
-         "triton_config": "gemv-n32-k256-s2-w4-p4", "cslt_alg_id": 1,
+         "triton_config": "gemv-n32-k256-s2-w4-p4", "cslt_algorithm": "alg3-split1-mode1",
          "choice": "triton", "errors": {}, "measured": "2026-..."}}}
 
 Entries measured under other library versions are ignored (measured again).
@@ -61,9 +64,9 @@ __all__ = ["BUCKETS", "MARGIN", "Plan", "bucket", "cache_path", "choose", "plan_
 
 BUCKETS = tuple(1 << i for i in range(15))  # 1 .. 16384
 MARGIN = 0.01
-FORMAT = 1
+FORMAT = 2
 FLUSH_BYTES = 128 << 20
-SEARCH_MAX_US = 3000.0  # run cuSPARSELt's algorithm search only where dense takes less than this
+WARM_MS = 5.0
 TOLERANCE = 2e-2  # relative Frobenius error a sparse path may show against dense (fp16/bf16 rounding)
 SPARSE_PATHS = ("triton", "cusparselt")
 
@@ -82,7 +85,7 @@ class Plan:
 
     times_us: dict[str, float] = field(default_factory=dict)
     triton_config: str | None = None
-    cslt_alg_id: int | None = None
+    cslt_algorithm: str | None = None
     errors: dict[str, str] = field(default_factory=dict)
     measured: bool = True
 
@@ -108,11 +111,18 @@ class Plan:
 
         return TritonConfig.from_key(self.triton_config)
 
+    def algorithm(self):
+        if self.cslt_algorithm is None:
+            return None
+        from .cusparselt import Algorithm
+
+        return Algorithm.from_key(self.cslt_algorithm)
+
     def as_dict(self) -> dict:
         return {
             "times_us": {k: (None if not math.isfinite(v) else round(v, 3)) for k, v in self.times_us.items()},
             "triton_config": self.triton_config,
-            "cslt_alg_id": self.cslt_alg_id,
+            "cslt_algorithm": self.cslt_algorithm,
             "choice": self.best(),
             "errors": self.errors,
             "measured": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -121,7 +131,7 @@ class Plan:
     @classmethod
     def from_dict(cls, d: dict) -> "Plan":
         times = {k: (math.inf if v is None else float(v)) for k, v in d.get("times_us", {}).items()}
-        return cls(times, d.get("triton_config"), d.get("cslt_alg_id"), dict(d.get("errors", {})))
+        return cls(times, d.get("triton_config"), d.get("cslt_algorithm"), dict(d.get("errors", {})))
 
 
 # --------------------------------------------------------------------------- the cache
@@ -231,6 +241,8 @@ def time_us(fn, device: torch.device, reps: int = 10, warmup: int = 3) -> float:
     end.record()
     torch.cuda.synchronize(device)
     first_ms = start.elapsed_time(end)
+    for _ in range(min(200, int(WARM_MS / max(first_ms, 0.01)))):  # clocks up before the timed calls
+        fn()
     if first_ms > 5.0:  # a long call: its median settles with fewer repetitions
         reps = max(3, min(reps, int(50.0 / first_ms)))
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
@@ -251,7 +263,6 @@ def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 def measure(layer, m_bucket: int) -> Plan:
     """Time every path available for ``layer`` (a SparseLinear24 on CUDA) at ``m_bucket`` tokens."""
-    from .sparse24 import cslt_search
     from .triton_sparse24 import HAVE_TRITON, TRITON_MAX_M, _sm_count, candidate_configs
 
     device = layer.values.device
@@ -264,7 +275,7 @@ def measure(layer, m_bucket: int) -> Plan:
         dense_w = layer.dense_weight if layer.dense_weight is not None else layer.weight
         bias = layer.bias
         ref = F.linear(x, dense_w, bias)
-        plan.times_us["dense"] = time_us(lambda: F.linear(x, dense_w, bias), device)
+        dense_before = time_us(lambda: F.linear(x, dense_w, bias), device)
 
         if HAVE_TRITON and m_bucket <= TRITON_MAX_M:
             best = math.inf
@@ -276,23 +287,13 @@ def measure(layer, m_bucket: int) -> Plan:
         else:
             plan.times_us["triton"] = math.inf  # not a candidate at this many tokens (or no triton)
 
-        if layer.cslt_packed is not None:
-            algs = [0]
-            if plan.times_us["dense"] < SEARCH_MAX_US:
-                rows = -(-m_bucket // 8) * 8
-                xp = F.pad(x, (0, layer.padded_in_features - k, 0, rows - m_bucket))
-                found = cslt_search(layer.cslt_packed, xp, layer._bias_for_cslt())
-                del xp
-            else:  # cuSPARSELt's search runs every algorithm several times: too long here, reuse a smaller bucket's
-                found = _smaller_bucket_alg(n, k, m_bucket, dtype)
-            if found is not None and found not in algs:
-                algs.append(found)
-            best = math.inf
-            for alg in algs:
-                t = _checked_time(plan, f"cusparselt alg {alg}", lambda alg=alg: layer.run(x, "cusparselt", alg_id=alg), ref, device)
-                if t < best:
-                    best, plan.cslt_alg_id = t, alg
-            plan.times_us["cusparselt"] = best
+        if "cusparselt" in layer.available_paths():
+            # the checked first call runs the algorithm search for this bucket; the timing uses its pick
+            t = _checked_time(plan, "cusparselt", lambda: layer.run(x, "cusparselt"), ref, device)
+            found = layer.cslt.algorithm_for(m_bucket)
+            plan.cslt_algorithm = None if found is None else found.key()
+            plan.times_us["cusparselt"] = t
+        plan.times_us["dense"] = min(dense_before, time_us(lambda: F.linear(x, dense_w, bias), device))
     return plan
 
 
@@ -309,15 +310,6 @@ def _checked_time(plan: Plan, label: str, run, ref: torch.Tensor, device: torch.
         return math.inf
 
 
-def _smaller_bucket_alg(n: int, k: int, m_bucket: int, dtype: torch.dtype) -> int | None:
-    """The cuSPARSELt algorithm measured best at the largest smaller bucket of this shape, if any."""
-    for b in reversed([b for b in BUCKETS if b < m_bucket]):
-        entry = _entries().get(_key(n, k, b, dtype))
-        if entry is not None and entry.get("cslt_alg_id") is not None:
-            return int(entry["cslt_alg_id"])
-    return None
-
-
 def _unmeasured(layer, m_bucket: int) -> Plan:
     """A plan without timing (during CUDA-graph capture): Triton for few tokens, else cuSPARSELt, else dense."""
     from .triton_sparse24 import HAVE_TRITON
@@ -325,7 +317,7 @@ def _unmeasured(layer, m_bucket: int) -> Plan:
     times = {}
     if HAVE_TRITON and m_bucket <= 64:
         times["triton"] = 1.0
-    if layer.cslt_packed is not None and m_bucket >= 1024:
+    if "cusparselt" in layer.available_paths() and m_bucket >= 1024:
         times["cusparselt"] = 1.0
     return Plan(times, measured=False)
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -47,6 +48,9 @@ import torch.nn.functional as F
 
 from ..errors import InputError, require
 from ..prune.patterns import check_nm
+
+if TYPE_CHECKING:
+    from .cusparselt import CsltWeight
 
 __all__ = [
     "PATHS",
@@ -186,42 +190,16 @@ def decompress_24(compressed: Compressed24) -> torch.Tensor:
 # --------------------------------------------------------------------------- cuSPARSELt
 
 
-def _cslt_ops() -> tuple:
-    """torch's private cuSPARSELt ops, or a clear error when this torch lacks them."""
-    missing = [op for op in ("_cslt_compress", "_cslt_sparse_mm") if not hasattr(torch, op)]
-    if missing:
-        raise RuntimeError(f"this torch ({torch.__version__}) has no {', '.join(missing)}: the cuSPARSELt path is unavailable")
-    return torch._cslt_compress, torch._cslt_sparse_mm
-
-
 def cusparselt_available() -> bool:
-    """cuSPARSELt usable here: a CUDA torch built with it, and the private ops present.
+    """cuSPARSELt usable here: a CUDA GPU and the library (see :mod:`sparsa.kernels.cusparselt`).
 
-    ``SPARSA_CUSPARSELT=0`` turns the path off (it crashed on an H100 in its first test run).
+    ``SPARSA_CUSPARSELT=0`` turns the path off.
     """
-    if os.environ.get("SPARSA_CUSPARSELT", "1") == "0":
+    if os.environ.get("SPARSA_CUSPARSELT", "1") == "0" or not torch.cuda.is_available():
         return False
-    try:
-        _cslt_ops()
-        return bool(torch.cuda.is_available() and torch.backends.cusparselt.is_available())
-    except (RuntimeError, AttributeError):
-        return False
+    from .cusparselt import load_library
 
-
-def cslt_search(packed: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> int | None:
-    """cuSPARSELt's own algorithm search for ``packed @ x^T``; None when unavailable or failing."""
-    search = getattr(torch, "_cslt_sparse_mm_search", None)
-    if search is None:
-        return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # deprecated in newer torch, still the only way here
-            alg = search(packed, x.t(), bias=bias, transpose_result=True)
-    except RuntimeError:
-        return None
-    if isinstance(alg, (tuple, list)):  # tolerate a future tuple-returning variant
-        alg = alg[0]
-    return int(alg)
+    return load_library() is not None
 
 
 # --------------------------------------------------------------------------- the module
@@ -242,7 +220,7 @@ class SparseLinear24(nn.Module):
         *,
         name: str = "",
         dense_weight: torch.Tensor | None = None,
-        cslt_packed: torch.Tensor | None = None,
+        cslt: "CsltWeight | None" = None,
     ) -> None:
         super().__init__()
         self.name = name
@@ -251,14 +229,12 @@ class SparseLinear24(nn.Module):
         self.padded_in_features = compressed.padded_in_features
         self.register_buffer("values", compressed.values)
         self.register_buffer("meta", compressed.meta)
-        # kept as int16 bits: a dtype cast of the module (model.half()) must not convert its metadata
-        self.register_buffer("cslt_bits", None if cslt_packed is None else cslt_packed.view(torch.int16))
-        self.cslt_dtype = None if cslt_packed is None else cslt_packed.dtype
+        # not a buffer: module casts and moves (model.half(), .to()) must leave cuSPARSELt's bytes alone
+        self.cslt = cslt
         self.register_buffer("dense_weight", dense_weight)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.cslt_rows = _round_up(self.out_features, N_ALIGN_CSLT)
-        self._cslt_bias: torch.Tensor | None = None
-        self._routes: dict[tuple, tuple] = {}  # (token bucket, dtype) -> (path, triton config, cuSPARSELt alg id)
+        self._routes: dict[tuple, tuple] = {}  # (token bucket, dtype) -> (path, triton config, cuSPARSELt algorithm)
         self.shares_values = False
 
     # ----------------------------------------------------------------- building
@@ -286,46 +262,43 @@ class SparseLinear24(nn.Module):
         with torch.no_grad():
             compressed = compress_24(weight, name)
             bias = None if linear.bias is None else linear.bias.detach()
-            packed = None
+            cslt = None
             if cusparselt_available():
                 try:
-                    packed = cls._cslt_compress(weight, compressed.padded_in_features)
-                except RuntimeError as exc:
+                    cslt = cls._cslt_compress(weight, compressed.padded_in_features)
+                except (RuntimeError, ValueError) as exc:
                     warnings.warn(f"{_label(name)}: cuSPARSELt compression failed ({exc}); using the Triton and dense paths", RuntimeWarning)
-            layer = cls(compressed, bias, name=name, dense_weight=weight if keep_dense else None, cslt_packed=packed)
+            layer = cls(compressed, bias, name=name, dense_weight=weight if keep_dense else None, cslt=cslt)
             layer._share_values()
         return layer
 
     @staticmethod
-    def _cslt_compress(weight: torch.Tensor, kp: int) -> torch.Tensor:
-        compress, _ = _cslt_ops()
+    def _cslt_compress(weight: torch.Tensor, kp: int) -> "CsltWeight":
+        from .cusparselt import CsltWeight
+
         n, k = weight.shape
         rows = _round_up(n, N_ALIGN_CSLT)
         if rows != n or kp != k:
             weight = F.pad(weight, (0, kp - k, 0, rows - n))
-        return compress(weight.contiguous())
+        return CsltWeight(weight)
 
-    @property
-    def cslt_packed(self) -> torch.Tensor | None:
-        """The cuSPARSELt-compressed weight (None without cuSPARSELt, or after a dtype cast)."""
-        if self.cslt_bits is None or self.cslt_dtype != self.values.dtype:
-            return None
-        return self.cslt_bits.view(self.cslt_dtype)
+    def _cslt_ready(self) -> bool:
+        return self.cslt is not None and self.cslt.dtype == self.values.dtype and self.cslt.device == self.values.device
 
     def _share_values(self) -> None:
         """Point ``values`` into the cuSPARSELt buffer when its kept values are ours, in our order.
 
-        cuSPARSELt stores the kept values first; where they match exactly (checked,
-        not assumed), the Triton path reads them from there and our copy is freed.
+        cuSPARSELt may store the kept values first; where they match exactly
+        (checked, not assumed), the Triton path reads them from there and our
+        copy is freed.
         """
-        packed = self.cslt_packed
-        if packed is None:
+        if not self._cslt_ready():
             return
-        count = self.values.numel()
-        flat = packed.reshape(-1)
-        if flat.numel() < count or flat.dtype != self.values.dtype:
+        nbytes = self.values.numel() * self.values.element_size()
+        raw = self.cslt.compressed
+        if raw.numel() < nbytes or self.cslt.rows != self.out_features:
             return
-        candidate = flat[:count].view(self.values.shape)
+        candidate = raw[:nbytes].view(self.values.dtype).view(self.values.shape)
         if torch.equal(candidate, self.values):
             self.values = candidate
             self.shares_values = True
@@ -345,20 +318,24 @@ class SparseLinear24(nn.Module):
         paths = []
         if triton_sparse24.HAVE_TRITON:
             paths.append("triton")
-        if self.cslt_packed is not None:
+        if self._cslt_ready():
             paths.append("cusparselt")
         if self.dense_weight is not None:
             paths.append("dense")
         return tuple(paths)
 
-    def run(self, x2d: torch.Tensor, path: str, *, config=None, alg_id: int = 0, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``x2d [M, K] @ W^T + bias`` on one named path (``triton``, ``cusparselt`` or ``dense``)."""
+    def run(self, x2d: torch.Tensor, path: str, *, config=None, algorithm=None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``x2d [M, K] @ W^T + bias`` on one named path (``triton``, ``cusparselt`` or ``dense``).
+
+        ``config`` is the Triton configuration, ``algorithm`` the cuSPARSELt one
+        (None: cuSPARSELt's own search, once per token bucket).
+        """
         if path == "triton":
             from .triton_sparse24 import sparse24_matmul
 
             return sparse24_matmul(x2d, self.values, self.meta, self.in_features, self.bias, config, out=out)
         if path == "cusparselt":
-            y = self._run_cslt(x2d, alg_id)
+            y = self._run_cslt(x2d, algorithm)
         elif path == "dense":
             require(self.dense_weight is not None, f"{_label(self.name)} kept no dense weight (keep_dense=False)")
             y = F.linear(x2d, self.dense_weight, self.bias)
@@ -369,31 +346,25 @@ class SparseLinear24(nn.Module):
             return out
         return y
 
-    def _run_cslt(self, x2d: torch.Tensor, alg_id: int) -> torch.Tensor:
-        require(self.cslt_packed is not None, f"{_label(self.name)} has no cuSPARSELt weight (cuSPARSELt unavailable)")
-        _, sparse_mm = _cslt_ops()
+    def _run_cslt(self, x2d: torch.Tensor, algorithm) -> torch.Tensor:
+        from .dispatch import bucket
+
+        require(self._cslt_ready(), f"{_label(self.name)} has no cuSPARSELt weight (cuSPARSELt unavailable)")
         m, k = x2d.shape
         rows = _round_up(m, M_ALIGN_CSLT)
         if rows != m or self.padded_in_features != k:
             x2d = F.pad(x2d, (0, self.padded_in_features - k, 0, rows - m))
         elif not x2d.is_contiguous():
             x2d = x2d.contiguous()
-        # cuSPARSELt computes sparse(A) @ dense(B): y^T = W x^T, written transposed so y is [M, N] row-major
-        y = sparse_mm(self.cslt_packed, x2d.t(), bias=self._bias_for_cslt(), transpose_result=True, alg_id=alg_id)
+        y = self.cslt.matmul(x2d, bucket=bucket(m), algorithm=algorithm)
         if rows != m or self.cslt_rows != self.out_features:
             y = y[:m, : self.out_features]
+        if self.bias is not None:
+            y += self.bias
         return y
 
-    def _bias_for_cslt(self) -> torch.Tensor | None:
-        if self.bias is None:
-            return None
-        if self._cslt_bias is None or self._cslt_bias.device != self.bias.device or self._cslt_bias.dtype != self.bias.dtype:
-            b = self.bias.detach()
-            self._cslt_bias = F.pad(b, (0, self.cslt_rows - self.out_features)).contiguous()
-        return self._cslt_bias
-
     def route(self, m: int) -> tuple:
-        """``(path, triton config, cuSPARSELt alg id)`` for ``m`` tokens, measured once per bucket."""
+        """``(path, triton config, cuSPARSELt algorithm)`` for ``m`` tokens, measured once per bucket."""
         from . import dispatch
 
         bucket = dispatch.bucket(m)
@@ -404,9 +375,9 @@ class SparseLinear24(nn.Module):
             forced = os.environ.get("SPARSA_24_PATH")  # for tests and diagnosis: one path, default settings
             if forced:
                 require(forced in paths, f"SPARSA_24_PATH={forced} but {_label(self.name)} can run: {', '.join(paths)}")
-                return (forced, None, 0)
+                return (forced, None, None)
             plan = dispatch.plan_for(self, bucket)
-            route = (plan.best(paths), plan.config(), plan.cslt_alg_id or 0)
+            route = (plan.best(paths), plan.config(), plan.algorithm())
             if plan.measured:
                 self._routes[key] = route
         return route
@@ -426,8 +397,8 @@ class SparseLinear24(nn.Module):
             return x.new_empty(*lead, self.out_features)
         if x2d.stride(1) != 1:
             x2d = x2d.contiguous()
-        path, config, alg_id = self.route(x2d.shape[0])
-        y = self.run(x2d, path, config=config, alg_id=alg_id)
+        path, config, algorithm = self.route(x2d.shape[0])
+        y = self.run(x2d, path, config=config, algorithm=algorithm)
         return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:

@@ -22,7 +22,10 @@ interleaving.
 ``gemv`` (the decode step, one token per program): no tensor cores; each kept
 value is multiplied by the x element its 2-bit position names (selected among
 the group's four inputs, unpacked once per column from its int64 word) and
-accumulated in float32.
+accumulated in float32. ``gemvg`` is the same kernel reading each group's
+metadata word by a broadcast load (eight neighbouring lanes, one address)
+instead of loading the words once and repeating them in registers; which is
+faster depends on the shape, so the dispatcher times both.
 
 Split-K: with few output tiles (tall-skinny layers, decode), ``split_k``
 programs share a tile's K range. Each writes its float32 partial to a
@@ -79,21 +82,24 @@ MMA_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (64, 256, 4, 3),  # not with BLOCK_M = 64: too many registers
     (128, 128, 8, 3),
 )
-# "gemv": one token per program, no tensor cores: the decode step (M = 1..4).
+# "gemv"/"gemvg": one token per program, no tensor cores: the decode step (M = 1..4).
 GEMV_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (16, 256, 4, 3),
     (32, 256, 4, 4),
     (64, 256, 8, 3),
+    (16, 512, 4, 4),
     (32, 512, 8, 3),
+    (64, 512, 8, 3),
 )
-KERNEL_SHAPES = {"mma": MMA_SHAPES, "gemv": GEMV_SHAPES}
+KERNEL_SHAPES = {"mma": MMA_SHAPES, "gemv": GEMV_SHAPES, "gemvg": GEMV_SHAPES}
+GEMV_KINDS = ("gemv", "gemvg")
 SPLITS = (1, 2, 4, 8)
 GEMV_MAX_M = 4  # gemv runs a program per token, re-reading the weight tile (from L2)
 
 
 @dataclass(frozen=True)
 class TritonConfig:
-    kind: str  # "mma" or "gemv"
+    kind: str  # "mma", "gemv" or "gemvg"
     block_n: int
     block_k: int  # dense input columns per step: 4 * BLOCK_G groups (>= 64 for "mma": 4 dots of K >= 16)
     split_k: int = 1
@@ -129,13 +135,13 @@ def _sm_count(device: torch.device | None) -> int:
 
 
 def _splits(tiles: int, k: int, block_k: int, sms: int) -> list[int]:
-    """split_k = 1, then the factors that first give about two programs per SM.
+    """split_k = 1, then the factors that first give about four programs per SM.
 
     Never fewer than two K steps per split, never more than eight programs per SM.
     """
     out = [1]
     for split in SPLITS[1:]:
-        if tiles * (split // 2) >= 2 * sms or tiles * split > 8 * sms or k // split < 2 * block_k:
+        if tiles * (split // 2) >= 4 * sms or tiles * split > 8 * sms or k // split < 2 * block_k:
             break
         out.append(split)
     return out
@@ -144,12 +150,12 @@ def _splits(tiles: int, k: int, block_k: int, sms: int) -> list[int]:
 def candidate_configs(m: int, n: int, k: int, sms: int = 132) -> list[TritonConfig]:
     """The configurations worth timing for ``m`` tokens of an ``(n, k)`` layer."""
     out: list[TritonConfig] = []
-    kinds = ("gemv", "mma") if m <= GEMV_MAX_M else ("mma",)
+    kinds = (*GEMV_KINDS, "mma") if m <= GEMV_MAX_M else ("mma",)
     for kind in kinds:
         for bn, bk, warps, stages in KERNEL_SHAPES[kind]:
             if kind == "mma" and block_m_for(m) * bk > 32 * 256:
                 continue
-            tiles = _cdiv(n, bn) * (m if kind == "gemv" else _cdiv(m, block_m_for(m)))
+            tiles = _cdiv(n, bn) * (m if kind in GEMV_KINDS else _cdiv(m, block_m_for(m)))
             splits = _splits(tiles, k, bk, sms) if m <= 64 else [1]
             out.extend(TritonConfig(kind, bn, bk, split, warps, stages) for split in splits)
     return out
@@ -266,6 +272,7 @@ if HAVE_TRITON:
         stride_xm, stride_pn, stride_wn, stride_ym,
         split_k, steps_per_split,
         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, NUM_STAGES: tl.constexpr,
+        GATHER_META: tl.constexpr,
     ):
         # One token per program (grid axis 0): no tensor cores; each kept value meets the
         # x element its 2-bit position names (first is 0..2, second 1..3: two selects each).
@@ -292,7 +299,10 @@ if HAVE_TRITON:
             g_ok = g < G
             w_ok = n_ok[:, None] & g_ok[None, :]
             pairs = tl.load(pair_rows + g[None, :], mask=w_ok, other=0)
-            word = _group_words(word_rows, g0, n_ok, G, BLOCK_N, BLOCK_G)
+            if GATHER_META:
+                word = tl.load(word_rows + (g // 8)[None, :], mask=w_ok, other=0)
+            else:
+                word = _group_words(word_rows, g0, n_ok, G, BLOCK_N, BLOCK_G)
             xq = tl.load(x_row + g, mask=g < KG, other=0)
             # the group's four inputs as float32, once per column (shared by all BLOCK_N rows)
             x0 = xq.to(tl.int16).to(dt, bitcast=True).to(tl.float32)[None, :]
@@ -359,7 +369,7 @@ def sparse24_matmul(
         return out
     cfg = config or default_config(m, n, k, _sm_count(x.device))
     groups = kp // 4
-    gemv = cfg.kind == "gemv"
+    gemv = cfg.kind in GEMV_KINDS
     bm = 1 if gemv else block_m_for(m)
     bg = cfg.block_k // 4
     steps = _cdiv(_cdiv(groups, cfg.split_k), bg)  # BLOCK_G steps per split
@@ -385,7 +395,7 @@ def sparse24_matmul(
     if gemv:
         _sparse24_gemv_kernel[grid](
             *args, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_G=bg, NUM_STAGES=cfg.num_stages,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            GATHER_META=cfg.kind == "gemvg", num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
         _sparse24_mma_kernel[grid](
