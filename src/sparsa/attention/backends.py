@@ -1,0 +1,131 @@
+"""Block-sparse attention backends: one mask format, several ways to run it.
+
+* ``reference``: plain PyTorch on any device. For each query block it
+  gathers only the key blocks the mask keeps, so memory grows with the kept
+  blocks, never with ``L x L``. Slow (a Python loop over query blocks) but
+  exact: the yardstick for the others and the CPU path.
+* ``flex``: PyTorch FlexAttention driven by the same block mask (converted to
+  FlexAttention's ``BlockMask`` without building any token-level tensor) with
+  a causal ``mask_mod``; compiled on CUDA, eager elsewhere.
+
+All take ``q [B, H, Lq, D]``, ``k, v [B, Hkv, Lk, D]`` (``H`` a multiple of
+``Hkv``: grouped-query heads) and return ``[B, H, Lq, D]`` in q's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import InputError
+from ..registry import Registry
+from .masks import BlockMask, block_aligned
+
+__all__ = ["BACKENDS", "attend", "flex", "reference"]
+
+BACKENDS: Registry = Registry("attention backend")
+
+
+def _check(q, k, v, mask: BlockMask) -> None:
+    b, h, lq, _ = q.shape
+    if k.shape[1] == 0 or h % k.shape[1] or k.shape != v.shape[:-1] + (k.shape[-1],) or k.shape[-2] != mask.k_len:
+        raise InputError(f"attention shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"mask for {mask.q_len} queries over {mask.k_len} keys")
+    if lq != mask.q_len or mask.blocks.shape[:2] != (b, h):
+        raise InputError(f"block mask {tuple(mask.blocks.shape)} does not match q {tuple(q.shape)}")
+
+
+@BACKENDS.register("reference")
+def reference(q, k, v, mask: BlockMask, scale: float | None = None) -> torch.Tensor:
+    _check(q, k, v, mask)
+    b, h, lq, d = q.shape
+    lk, bs = mask.k_len, mask.block_size
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    offset = lk - lq
+    kb = -(-lk // bs)
+    heads = torch.arange(h, device=q.device) // (h // k.shape[1])
+    pad = kb * bs - lk
+    k_blocks = torch.nn.functional.pad(k, (0, 0, 0, pad))[:, heads].reshape(b, h, kb, bs, -1)
+    v_blocks = torch.nn.functional.pad(v, (0, 0, 0, pad))[:, heads].reshape(b, h, kb, bs, -1)
+    out = torch.empty((b, h, lq, v.shape[-1]), dtype=q.dtype, device=q.device)
+    first = offset // bs
+    for j in range(mask.blocks.shape[2]):
+        start = max((first + j) * bs - offset, 0)
+        stop = min((first + j + 1) * bs - offset, lq)
+        keep = mask.blocks[:, :, j]  # [B, H, KB]
+        count = int(keep.sum(-1).max())
+        idx = keep.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :count]  # [B, H, m]
+        valid = keep.gather(-1, idx)
+        gather = idx[..., None, None].expand(-1, -1, -1, bs, d)
+        kg = k_blocks.gather(2, gather).reshape(b, h, count * bs, d).float()
+        vg = v_blocks.gather(2, idx[..., None, None].expand(-1, -1, -1, bs, v.shape[-1])).reshape(b, h, count * bs, -1).float()
+        pos = (idx[..., None] * bs + torch.arange(bs, device=q.device)).reshape(b, h, count * bs)
+        ok = (valid[..., None].expand(-1, -1, -1, bs).reshape(b, h, count * bs)) & (pos < lk)
+        rows = torch.arange(start, stop, device=q.device) + offset  # absolute positions
+        allowed = ok[:, :, None, :] & (pos[:, :, None, :] <= rows[None, None, :, None])
+        scores = (q[:, :, start:stop].float() @ kg.transpose(-1, -2)) * scale
+        probs = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+        out[:, :, start:stop] = (probs @ vg).to(q.dtype)
+    return out
+
+
+_COMPILED = None
+
+
+def _flex_fn(device: torch.device):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    global _COMPILED
+    if device.type != "cuda":
+        return flex_attention
+    if _COMPILED is None:
+        _COMPILED = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED
+
+
+def to_flex(mask: BlockMask, q_rows: int):
+    """FlexAttention's BlockMask for ``mask`` (queries padded to block-aligned ``q_rows``).
+
+    Kept blocks strictly below the diagonal are "full" (no per-element work);
+    the diagonal blocks are "partial" and apply causality. The ``mask_mod``
+    also checks block membership, so FlexAttention's eager (non-compiled)
+    path, which reads only the ``mask_mod``, computes the same function.
+    """
+    from torch.nn.attention.flex_attention import BlockMask as FlexBlockMask
+
+    bs = mask.block_size
+    first = (mask.k_len - mask.q_len) // bs * bs  # absolute position of padded row 0
+    blocks = mask.blocks
+    own = first // bs + torch.arange(blocks.shape[2], device=blocks.device)
+    kb = torch.arange(blocks.shape[3], device=blocks.device)
+    full = blocks & (kb[None, :] < own[:, None])
+    partial = blocks & ~full
+
+    def order(b):
+        return b.sum(-1).to(torch.int32), b.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+
+    counts, indices = order(partial)
+    full_counts, full_indices = order(full)
+
+    def causal_in_blocks(b, h, q_idx, kv_idx):
+        return (q_idx + first >= kv_idx) & blocks[b, h, q_idx // bs, kv_idx // bs]
+
+    return FlexBlockMask.from_kv_blocks(counts, indices, full_counts, full_indices, BLOCK_SIZE=bs,
+                                        mask_mod=causal_in_blocks, seq_lengths=(q_rows, mask.k_len))
+
+
+@BACKENDS.register("flex")
+def flex(q, k, v, mask: BlockMask, scale: float | None = None) -> torch.Tensor:
+    _check(q, k, v, mask)
+    lq = q.shape[-2]
+    qp, _, front = block_aligned(q, k, mask.block_size)
+    qp = qp[..., : qp.shape[-2], :]
+    fn = _flex_fn(q.device)
+    out = fn(qp, k, v, block_mask=to_flex(mask, qp.shape[-2]), scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return out[:, :, front : front + lq]
+
+
+def attend(q, k, v, mask: BlockMask, scale: float | None = None, backend: str = "reference") -> torch.Tensor:
+    """Block-sparse causal attention on the named backend."""
+    return BACKENDS.get(backend)(q, k, v, mask, scale)

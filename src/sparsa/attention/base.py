@@ -1,0 +1,61 @@
+"""What an attention pattern is, and the registry that names them.
+
+A pattern is a frozen dataclass of its settings with one method,
+``mask(q, k) -> BlockMask``: given the actual queries ``[B, H, Lq, D]`` and
+keys ``[B, H, Lk, D]`` (grouped-query heads already expanded), it decides
+which key blocks each query block attends to. Each pattern lives in its own
+file and registers itself here; :func:`make_pattern` builds one by name from
+keyword settings, with a one-line error for a setting it does not have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from ..errors import InputError, require
+from ..registry import Registry
+from .masks import BlockMask
+
+__all__ = ["PATTERNS", "PatternBase", "make_pattern", "scaled_scores"]
+
+PATTERNS: Registry[type] = Registry("attention pattern")
+
+
+@dataclasses.dataclass(frozen=True)
+class PatternBase:
+    block_size: int = 64
+
+    def __post_init__(self) -> None:
+        require(self.block_size in (16, 32, 64, 128), f"block_size must be 16, 32, 64 or 128, got {self.block_size}")
+
+    def mask(self, q: torch.Tensor, k: torch.Tensor) -> BlockMask:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def make_pattern(name: str, **params) -> PatternBase:
+    """The registered pattern ``name`` with ``params`` as its settings."""
+    cls = PATTERNS.get(name)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise InputError(f"attention pattern {name!r} has no setting {', '.join(unknown)}; it takes: {', '.join(sorted(fields))}")
+    return cls(**params)
+
+
+def scaled_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``q k^T / sqrt(d)`` in float32."""
+    return (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+
+
+def last_queries_softmax(q: torch.Tensor, k: torch.Tensor, count: int) -> torch.Tensor:
+    """Causal attention probabilities of the last ``count`` queries over all keys: ``[B, H, count, Lk]``."""
+    lq, lk = q.shape[-2], k.shape[-2]
+    count = min(count, lq)
+    scores = scaled_scores(q[..., lq - count :, :], k)
+    rows = torch.arange(lk - count, lk, device=q.device)
+    cols = torch.arange(lk, device=q.device)
+    scores = scores.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
+    return scores.softmax(dim=-1)

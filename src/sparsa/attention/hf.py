@@ -1,0 +1,162 @@
+"""Sparse attention inside any Hugging Face model that uses transformers' attention interface.
+
+``apply(model, "vertical_slash", vertical=1024, slash=2048)`` registers one
+attention function, ``"sparsa"``, with transformers (``AttentionInterface``
+plus the matching mask function) and switches the model to it. Each
+attention module gets an :class:`AttentionPolicy`; layers left out keep
+none and run dense. The function runs transformers' own SDPA attention
+whenever sparsity does not apply:
+
+* fewer keys than ``min_len`` (short prompts gain nothing);
+* the wrong phase: prefill patterns skip decode steps (one query) and
+  ``quest`` skips prefills;
+* a padding or sliding-window mask (sliding-window layers are already
+  local), logit soft-capping, or attention dropout in training.
+
+Otherwise it builds the block mask from the layer's actual queries and keys
+and runs it on the chosen backend. ``remove(model)`` restores the previous
+attention implementation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+from ..errors import InputError, require
+from .backends import BACKENDS, attend
+from .base import PatternBase, make_pattern
+from .masks import causal_blocks
+
+__all__ = ["AttentionPolicy", "apply", "remove"]
+
+NAME = "sparsa"
+DECODE_ONLY = ("quest",)
+PREFILL_ONLY = ("vertical_slash", "antidiagonal", "flexprefill")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionPolicy:
+    method: str
+    pattern: PatternBase
+    backend: str = "auto"
+    min_len: int = 4096
+    heads: tuple[int, ...] | None = None  # sparse heads (None: all); the others stay dense
+
+    def applies(self, q_len: int, k_len: int) -> bool:
+        if k_len < self.min_len:
+            return False
+        if q_len == 1:
+            return self.method not in PREFILL_ONLY
+        return self.method not in DECODE_ONLY
+
+    def run_backend(self, device: torch.device) -> str:
+        if self.backend != "auto":
+            return self.backend
+        return "flex" if device.type == "cuda" else "reference"
+
+
+def _forward(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    policy: AttentionPolicy | None = getattr(module, "sparsa_attention", None)
+    q_len, k_len = query.shape[-2], key.shape[-2]
+    dense = (
+        policy is None
+        or not policy.applies(q_len, k_len)
+        or attention_mask is not None
+        or kwargs.get("sliding_window") is not None
+        or kwargs.get("softcap") is not None
+        or (dropout > 0 and module.training)
+    )
+    if dense:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    heads, kv_heads = query.shape[1], key.shape[1]
+    expanded = key.repeat_interleave(heads // kv_heads, dim=1) if heads != kv_heads else key
+    mask = policy.pattern.mask(query, expanded)
+    del expanded
+    if policy.heads is not None:
+        dense_heads = [h for h in range(heads) if h not in policy.heads]
+        mask.blocks[:, dense_heads] = causal_blocks(q_len, k_len, mask.block_size, query.device)
+    module.sparsa_last_density = mask.density()
+    out = attend(query, key, value, mask, scale=scaling, backend=policy.run_backend(query.device))
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(NAME, _forward)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def _attention_modules(model: nn.Module) -> list[tuple[int, nn.Module]]:
+    found = []
+    for name, module in model.named_modules():
+        if name.endswith("self_attn") and isinstance(getattr(module, "layer_idx", None), int):
+            found.append((module.layer_idx, module))
+    return sorted(found, key=lambda item: item[0])
+
+
+def apply(
+    model: nn.Module,
+    method: str,
+    *,
+    layers: list[int] | None = None,
+    heads: list[int] | None = None,
+    min_len: int = 4096,
+    backend: str = "auto",
+    **settings,
+) -> nn.Module:
+    """Make ``model``'s attention sparse with pattern ``method`` (settings as keywords); returns the model.
+
+    ``layers``: decoder layer indices to make sparse (default all; negative
+    counts from the end). ``heads``: query-head indices made sparse in those
+    layers (default all). ``min_len``: below this many keys attention stays
+    dense. ``backend``: ``auto`` (FlexAttention on CUDA, else reference),
+    ``flex`` or ``reference``.
+    """
+    name = type(model).__name__
+    require(hasattr(model, "set_attn_implementation") and hasattr(model, "config"),
+            f"{name} is not a Hugging Face PreTrainedModel; sparse attention plugs into transformers models")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise InputError(f"{name} does not route attention through transformers' attention interface, so sparse "
+                         "attention cannot plug in; supported: models whose attention uses ALL_ATTENTION_FUNCTIONS "
+                         "(Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, SmolLM ...)")
+    if backend != "auto":
+        BACKENDS.get(backend)  # one-line error for an unknown backend
+    pattern = make_pattern(method, **settings)
+    require(min_len >= 1, f"min_len must be >= 1, got {min_len}")
+    modules = _attention_modules(model)
+    require(bool(modules), f"{name} has no attention modules with a layer index (self_attn); cannot apply sparse attention")
+    config = getattr(model.config, "get_text_config", lambda: model.config)()
+    q_heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or q_heads
+    require(q_heads is not None and q_heads % kv_heads == 0,
+            f"{name}: {q_heads} query heads are not a multiple of {kv_heads} key-value heads; supported: MHA and grouped-query attention")
+    count = len(modules)
+    chosen = None if layers is None else {i % count for i in layers}
+    if heads is not None:
+        bad = [h for h in heads if not 0 <= h < q_heads]
+        require(not bad, f"heads {bad} do not exist: {name} has {q_heads} query heads (0..{q_heads - 1})")
+    policy = AttentionPolicy(method, pattern, backend, min_len, None if heads is None else tuple(sorted(set(heads))))
+    _register()
+    for index, module in modules:
+        module.sparsa_attention = policy if chosen is None or index in chosen else None
+    if getattr(model.config, "_attn_implementation", None) != NAME:
+        model.sparsa_previous_attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    model.set_attn_implementation(NAME)
+    return model
+
+
+def remove(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply`: dense attention with the previous implementation."""
+    for _, module in _attention_modules(model):
+        module.sparsa_attention = None
+    previous = getattr(model, "sparsa_previous_attention", None)
+    if previous is not None:
+        model.set_attn_implementation(previous)
+    return model

@@ -1,0 +1,196 @@
+"""Sparse attention: block masks, backends against a float64 reference, and the Hugging Face plug-in."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sparsa.attention import BACKENDS, PATTERNS, apply, attend, make_pattern, remove
+from sparsa.attention import masks as M
+from sparsa.errors import InputError
+
+from conftest import tiny_llama_config
+
+# settings that keep every causal block (each pattern at full density)
+FULL = {
+    "streaming": dict(local_blocks=1000),
+    "vertical_slash": dict(vertical=10_000, slash=10_000),
+    "antidiagonal": dict(threshold=1.0),
+    "flexprefill": dict(coverage=1.0, divergence=10.0),
+    "quest": dict(pages=1000),
+}
+SPARSE = {
+    "streaming": dict(sink_blocks=1, local_blocks=2),
+    "vertical_slash": dict(vertical=2, slash=2, last_q=32),
+    "antidiagonal": dict(stride=4, threshold=0.5),
+    "flexprefill": dict(coverage=0.5),
+    "quest": dict(pages=2),
+}
+BLOCK = 32
+
+
+def qkv(seed: int, b=2, h=4, hkv=2, lq=200, lk=200, d=16):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, lq, d, generator=g)
+    k = torch.randn(b, hkv, lk, d, generator=g)
+    v = torch.randn(b, hkv, lk, d, generator=g)
+    return q, k, v
+
+
+def expand(x, heads):
+    return x.repeat_interleave(heads // x.shape[1], dim=1)
+
+
+def reference64(q, k, v, allowed):
+    """float64 softmax attention restricted to ``allowed [B, H, Lq, Lk]``."""
+    ke, ve = expand(k, q.shape[1]).double(), expand(v, q.shape[1]).double()
+    scores = (q.double() @ ke.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ ve
+
+
+def causal(lq, lk):
+    rows = torch.arange(lk - lq, lk)
+    return torch.arange(lk)[None, :] <= rows[:, None]
+
+
+def rel(a, b):
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+def test_every_pattern_is_registered():
+    assert set(PATTERNS.names()) == set(FULL)
+    assert set(BACKENDS.names()) >= {"reference", "flex"}
+
+
+@pytest.mark.parametrize("name", sorted(FULL))
+@pytest.mark.parametrize("lq", [200, 45, 1])
+def test_full_density_equals_dense(name, lq):
+    q, k, v = qkv(1, lq=lq)
+    mask = make_pattern(name, block_size=BLOCK, **FULL[name]).mask(q, expand(k, q.shape[1]))
+    assert mask.density() == pytest.approx(1.0)
+    ref = reference64(q, k, v, causal(lq, 200).expand(2, 4, lq, 200))
+    for backend in ("reference", "flex"):
+        assert rel(attend(q, k, v, mask, backend=backend), ref) < 1e-5, backend
+
+
+@pytest.mark.parametrize("name", sorted(SPARSE))
+@pytest.mark.parametrize("lq", [200, 45, 1])
+def test_sparse_masks_are_causal_and_backends_agree(name, lq):
+    q, k, v = qkv(2 + lq, lq=lq, lk=200)
+    mask = make_pattern(name, block_size=BLOCK, **SPARSE[name]).mask(q, expand(k, q.shape[1]))
+    tokens = mask.token_mask()
+    assert not (tokens & ~causal(lq, 200)).any(), "a mask lets a query see the future"
+    assert tokens.any(-1).all(), "every query keeps at least one key"
+    if lq > 1:
+        assert mask.density() < 1.0, f"{name} kept everything at sparse settings"
+    ref = reference64(q, k, v, tokens)
+    for backend in ("reference", "flex"):
+        assert rel(attend(q, k, v, mask, backend=backend), ref) < 1e-5, backend
+
+
+def test_streaming_is_sinks_plus_window():
+    q, k, _ = qkv(3, b=1, h=1, hkv=1, lq=256, lk=256)
+    blocks = make_pattern("streaming", block_size=BLOCK, sink_blocks=1, local_blocks=2).mask(q, k).blocks[0, 0]
+    for qb in range(8):
+        assert blocks[qb].nonzero().flatten().tolist() == sorted({0, max(qb - 1, 0), qb})
+
+
+def test_vertical_slash_finds_a_planted_column():
+    q, k, _ = qkv(4, b=1, h=1, hkv=1, lq=256, lk=256)
+    k[..., 100, :] = q[..., -32:, :].mean(dim=-2) * 50  # every late query attends key 100
+    mask = make_pattern("vertical_slash", block_size=BLOCK, vertical=1, slash=1, last_q=32).mask(q, k)
+    assert mask.blocks[0, 0, -1, 100 // BLOCK]
+
+
+def test_top_cumulative_and_js():
+    from sparsa.attention.flexprefill import js_divergence
+
+    p = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    assert M.top_cumulative(p, 0.7).tolist() == [[True, True, False, False]]
+    assert M.top_cumulative(p, 0.81).tolist() == [[True, True, True, False]]
+    assert float(js_divergence(p, p)) == pytest.approx(0.0, abs=1e-7)
+    assert float(js_divergence(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]))) == pytest.approx(math.log(2), rel=1e-5)
+
+
+def test_quest_with_every_page_is_dense_decoding():
+    q, k, v = qkv(5, lq=1, lk=333)
+    mask = make_pattern("quest", block_size=BLOCK, pages=1000).mask(q, expand(k, 4))
+    assert mask.blocks.all()
+    ref = reference64(q, k, v, causal(1, 333).expand(2, 4, 1, 333))
+    assert rel(attend(q, k, v, mask), ref) < 1e-5
+
+
+def test_quest_bound_is_an_upper_bound():
+    from sparsa.attention.quest import page_bounds
+
+    q, k, _ = qkv(6, b=1, h=1, hkv=1, lq=1, lk=128)
+    lo, hi = page_bounds(k, BLOCK)
+    bound = torch.maximum(q[..., None, :] * lo[..., None, :, :], q[..., None, :] * hi[..., None, :, :]).sum(-1)
+    scores = (q @ k.transpose(-1, -2)).reshape(1, 1, 1, 4, BLOCK).amax(-1)
+    assert (scores <= bound + 1e-5).all()
+
+
+def test_bad_settings_are_one_line_errors():
+    with pytest.raises(InputError, match="no setting"):
+        make_pattern("streaming", window=3)
+    with pytest.raises(InputError, match="unknown attention pattern"):
+        make_pattern("nope")
+    with pytest.raises(InputError, match="block_size"):
+        make_pattern("quest", block_size=48)
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+@pytest.fixture()
+def tiny_llama():
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(256, max_position_embeddings=1024)).eval()
+    return model
+
+
+def test_hf_full_density_matches_dense_and_remove_restores(tiny_llama):
+    ids = torch.randint(0, 256, (2, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        dense = tiny_llama(ids).logits
+        apply(tiny_llama, "antidiagonal", min_len=1, block_size=BLOCK, threshold=1.0)
+        same = tiny_llama(ids).logits
+        assert (same - dense).abs().max() < 1e-4
+        apply(tiny_llama, "streaming", min_len=1, block_size=BLOCK, sink_blocks=1, local_blocks=1)
+        sparse = tiny_llama(ids).logits
+        assert (sparse - dense).abs().max() > 1e-3
+        assert tiny_llama.model.layers[0].self_attn.sparsa_last_density < 1.0
+        remove(tiny_llama)
+        assert (tiny_llama(ids).logits - dense).abs().max() < 1e-5
+
+
+def test_hf_dense_below_min_len_and_per_layer(tiny_llama):
+    ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense = tiny_llama(ids).logits
+        apply(tiny_llama, "streaming", min_len=1000, block_size=BLOCK, local_blocks=1)
+        assert (tiny_llama(ids).logits - dense).abs().max() < 1e-5
+        apply(tiny_llama, "streaming", layers=[-1], min_len=1, block_size=BLOCK, local_blocks=1)
+        assert tiny_llama.model.layers[0].self_attn.sparsa_attention is None
+        assert tiny_llama.model.layers[1].self_attn.sparsa_attention is not None
+
+
+def test_hf_quest_decoding_with_every_page_equals_dense(tiny_llama):
+    ids = torch.randint(0, 256, (1, 150), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        dense = tiny_llama.generate(ids, max_new_tokens=8, do_sample=False)
+        apply(tiny_llama, "quest", min_len=1, block_size=BLOCK, pages=1000)
+        assert torch.equal(tiny_llama.generate(ids, max_new_tokens=8, do_sample=False), dense)
+
+
+def test_hf_rejects_what_it_cannot_serve(tiny_llama):
+    with pytest.raises(InputError, match="not a Hugging Face"):
+        apply(torch.nn.Linear(2, 2), "streaming")
+    with pytest.raises(InputError, match="heads"):
+        apply(tiny_llama, "streaming", heads=[7])
+    with pytest.raises(InputError, match="unknown attention backend"):
+        apply(tiny_llama, "streaming", backend="cuda-magic")
