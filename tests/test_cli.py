@@ -149,3 +149,19 @@ def test_cli_eval_perplexity_json(capsys, tiny_dir, tmp_path):
     assert code == 0, err
     result = json.loads(out.read_text())["results"]["perplexity"]
     assert result["tokens"] == 4 * 63 and result["perplexity"] > 1
+
+
+def test_eval_longctx_with_sparse_attention(capsys):
+    code, out, err = run_cli(capsys, "eval", "--longctx", "needle", "--lengths", "1024", "--examples", "1",
+                             "--attention", "antidiagonal", "--attention-set", "threshold=0.9", "--attention-min-len", "256")
+    assert code == 0, err
+    assert "needle" in out and "sparse attention: antidiagonal" in err
+
+
+def test_attention_flags_fail_in_one_line(capsys, tiny_dir):
+    code, _, err = run_cli(capsys, "eval", str(tiny_dir), "--attention", "streaming", "--attention-set", "window")
+    assert_one_line_error(code, err, "KEY=VALUE")
+    code, _, err = run_cli(capsys, "eval", str(tiny_dir), "--attention", "magic")
+    assert_one_line_error(code, err, "unknown attention pattern")
+    code, _, err = run_cli(capsys, "eval", str(tiny_dir), "--longctx", "needle", "--lengths", "4096")
+    assert_one_line_error(code, err, "exceed")

