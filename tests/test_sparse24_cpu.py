@@ -4,12 +4,8 @@ and the Triton kernels under Triton's interpreter (when triton is installed)."""
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 import textwrap
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,7 +15,6 @@ from sparsa.errors import InputError
 from sparsa.kernels import SparseLinear24, accelerate, bucket, compress_24, decompress_24, is_24
 
 accelerate_module = importlib.import_module("sparsa.kernels.accelerate")  # the package's `accelerate` is the function
-SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def random_24(n: int, k: int, dtype=torch.float32, seed: int = 0, fewer: float = 0.25) -> torch.Tensor:
@@ -136,38 +131,8 @@ def test_accelerate_on_cpu_leaves_the_model_and_warns_once(monkeypatch):
 
 # ----------------------------------------------------------------------------- Triton interpreter
 
-INTERPRETER_SCRIPT = textwrap.dedent(
+INTERPRETER_BODY = textwrap.dedent(
     r"""
-    import os, sys
-    assert os.environ.get("TRITON_INTERPRET") == "1"
-    import numpy as np
-    import triton.language as tl
-    import triton.runtime.interpreter as interp
-
-    # Two gaps of Triton's CPU interpreter, patched here only (the GPU compiler needs neither):
-    # NumPy >= 2.4 no longer turns 1-element arrays into ints (loop bounds from program ids),
-    # and its tl.dot multiplies bfloat16 bit patterns as integers.
-    try:
-        int(np.array([1]))
-    except TypeError:
-        _patch = interp._patch_lang_tensor
-
-        def _patch_lang_tensor(tensor, scope):
-            _patch(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-        interp._patch_lang_tensor = _patch_lang_tensor
-    _dot = interp.InterpreterBuilder.create_dot
-
-    def _create_dot(self, a, b, d, *rest):
-        def f32(h):
-            if h.dtype.scalar != tl.bfloat16:
-                return h
-            return interp.TensorHandle(interp._convert_float(h.data, tl.bfloat16, tl.float32, None).view(np.float32), tl.float32)
-        return _dot(self, f32(a), f32(b), d, *rest)
-
-    interp.InterpreterBuilder.create_dot = _create_dot
-
     import torch
     from sparsa.kernels.sparse24 import SparseLinear24, compress_24
     from sparsa.kernels.triton_sparse24 import TritonConfig, sparse24_matmul
@@ -221,11 +186,6 @@ INTERPRETER_SCRIPT = textwrap.dedent(
 
 
 def test_triton_kernels_under_the_interpreter(tmp_path):
-    pytest.importorskip("triton")
-    script = tmp_path / "interpret.py"
-    script.write_text(INTERPRETER_SCRIPT)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
-    env.pop("SPARSA_24_PATH", None)
-    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    assert "interpreter ok" in result.stdout
+    from triton_interpreter import run_interpreted
+
+    assert "interpreter ok" in run_interpreted(INTERPRETER_BODY, tmp_path)

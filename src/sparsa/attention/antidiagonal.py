@@ -23,6 +23,8 @@ from .masks import BlockMask, block_aligned, finalize, top_cumulative
 
 __all__ = ["Antidiagonal"]
 
+CHUNK_ROWS = 2048  # query rows scored at a time
+
 
 @PATTERNS.register("antidiagonal")
 @dataclasses.dataclass(frozen=True)
@@ -40,14 +42,20 @@ class Antidiagonal(PatternBase):
         bs, s = self.block_size, self.stride
         qp, kp, _ = block_aligned(q, k, bs)
         q_start = (lk - lq) // bs * bs  # absolute position of qp's first row
-        scores = sum(qp[..., t::s, :].float() @ kp[..., s - 1 - t :: s, :].float().transpose(-1, -2) for t in range(s))
-        scores = scores / (math.sqrt(q.shape[-1]) * s)
-        rows = q_start // s + torch.arange(scores.shape[-2], device=q.device)  # strided absolute rows
-        cols = torch.arange(scores.shape[-1], device=q.device)
-        valid_cols = cols * s < lk
-        scores = scores.masked_fill((cols[None, :] > rows[:, None]) | ~valid_cols[None, :], float("-inf"))
-        probs = scores.softmax(dim=-1).nan_to_num(0.0)
-        qb, kb, per = scores.shape[-2] * s // bs, scores.shape[-1] * s // bs, bs // s
-        block_probs = probs.reshape(*probs.shape[:2], qb, per, kb, per).sum(dim=(3, 5))
+        per = bs // s
+        kb = kp.shape[-2] // bs
+        cols = torch.arange(kp.shape[-2] // s, device=q.device)
+        invalid_cols = cols * s >= lk
+        k_strided = [kp[..., s - 1 - t :: s, :].float().transpose(-1, -2) for t in range(s)]
+        chunks = []
+        rows_per_chunk = max(1, CHUNK_ROWS // bs) * bs  # softmax rows are independent: bounded memory
+        for r0 in range(0, qp.shape[-2], rows_per_chunk):
+            qc = qp[..., r0 : r0 + rows_per_chunk, :]
+            scores = sum(qc[..., t::s, :].float() @ k_strided[t] for t in range(s)) / (math.sqrt(q.shape[-1]) * s)
+            rows = (q_start + r0) // s + torch.arange(scores.shape[-2], device=q.device)  # strided absolute rows
+            scores = scores.masked_fill((cols[None, :] > rows[:, None]) | invalid_cols[None, :], float("-inf"))
+            probs = scores.softmax(dim=-1).nan_to_num(0.0)
+            chunks.append(probs.reshape(*probs.shape[:2], probs.shape[-2] // per, per, kb, per).sum(dim=(3, 5)))
+        block_probs = torch.cat(chunks, dim=-2)
         block_probs = block_probs / block_probs.sum(dim=-1, keepdim=True).clamp_min(1e-30)
         return finalize(top_cumulative(block_probs, self.threshold), lq, lk, bs)

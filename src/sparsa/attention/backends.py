@@ -7,6 +7,8 @@
 * ``flex``: PyTorch FlexAttention driven by the same block mask (converted to
   FlexAttention's ``BlockMask`` without building any token-level tensor) with
   a causal ``mask_mod``; compiled on CUDA, eager elsewhere.
+* ``triton``: our own Triton kernel (:mod:`sparsa.kernels.block_sparse_attn`)
+  walking each query block's kept key blocks with an online softmax.
 
 All take ``q [B, H, Lq, D]``, ``k, v [B, Hkv, Lk, D]`` (``H`` a multiple of
 ``Hkv``: grouped-query heads) and return ``[B, H, Lq, D]`` in q's dtype.
@@ -22,7 +24,7 @@ from ..errors import InputError
 from ..registry import Registry
 from .masks import BlockMask, block_aligned
 
-__all__ = ["BACKENDS", "attend", "flex", "reference"]
+__all__ = ["BACKENDS", "attend", "flex", "kept_lists", "reference", "triton_kernel"]
 
 BACKENDS: Registry = Registry("attention backend")
 
@@ -84,6 +86,13 @@ def _flex_fn(device: torch.device):
     return _COMPILED
 
 
+def kept_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query block, how many key blocks are kept and which (ascending, first ``count`` entries): int32."""
+    counts = blocks.sum(-1).to(torch.int32)
+    indices = blocks.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
+    return counts, indices
+
+
 def to_flex(mask: BlockMask, q_rows: int):
     """FlexAttention's BlockMask for ``mask`` (queries padded to block-aligned ``q_rows``).
 
@@ -102,11 +111,8 @@ def to_flex(mask: BlockMask, q_rows: int):
     full = blocks & (kb[None, :] < own[:, None])
     partial = blocks & ~full
 
-    def order(b):
-        return b.sum(-1).to(torch.int32), b.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
-
-    counts, indices = order(partial)
-    full_counts, full_indices = order(full)
+    counts, indices = kept_lists(partial)
+    full_counts, full_indices = kept_lists(full)
 
     def causal_in_blocks(b, h, q_idx, kv_idx):
         return (q_idx + first >= kv_idx) & blocks[b, h, q_idx // bs, kv_idx // bs]
@@ -120,9 +126,21 @@ def flex(q, k, v, mask: BlockMask, scale: float | None = None) -> torch.Tensor:
     _check(q, k, v, mask)
     lq = q.shape[-2]
     qp, _, front = block_aligned(q, k, mask.block_size)
-    qp = qp[..., : qp.shape[-2], :]
     fn = _flex_fn(q.device)
     out = fn(qp, k, v, block_mask=to_flex(mask, qp.shape[-2]), scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return out[:, :, front : front + lq]
+
+
+@BACKENDS.register("triton")
+def triton_kernel(q, k, v, mask: BlockMask, scale: float | None = None) -> torch.Tensor:
+    from ..kernels.block_sparse_attn import block_sparse_attention
+
+    _check(q, k, v, mask)
+    lq = q.shape[-2]
+    qp, _, front = block_aligned(q, k, mask.block_size)
+    counts, indices = kept_lists(mask.blocks)
+    first = (mask.k_len - mask.q_len) // mask.block_size * mask.block_size
+    out = block_sparse_attention(qp, k, v, counts, indices, mask.block_size, first, scale)
     return out[:, :, front : front + lq]
 
 

@@ -46,15 +46,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-try:  # guarded: the package must import where Triton is absent
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except ImportError:  # pragma: no cover - depends on the environment
-    triton = None
-    tl = None
-    HAVE_TRITON = False
+from ._triton import HAVE_TRITON, tl, triton
 
 __all__ = [
     "GEMV_SHAPES",

@@ -1,0 +1,104 @@
+"""A Triton block-sparse causal attention kernel (prefill) over sparsa's block-mask format.
+
+One program owns one query block of one (batch, head) and walks only the key
+blocks its mask keeps, listed in ``kv_indices[b, h, qb, :kv_counts[b, h, qb]]``.
+It keeps a running maximum and normaliser (the online softmax of
+FlashAttention), so memory is one query block's accumulator: nothing of size
+``L x L`` exists. Causality is applied element-wise (only the diagonal block
+ever needs it). Grouped-query heads read their key-value head
+``h // (H / Hkv)``. Queries arrive padded to whole blocks and aligned so that
+row 0 sits at absolute position ``first`` (a multiple of the block size);
+keys are not padded (loads are masked).
+
+Triton is imported here only, and guarded, like the 2:4 kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._triton import HAVE_TRITON, tl, triton
+
+__all__ = ["HAVE_TRITON", "block_sparse_attention"]
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _block_sparse_attn_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, counts_ptr, indices_ptr,
+        H, KV_GROUP, LQ, LK, FIRST, KB, scale,
+        sqb, sqh, sqm, skb, skh, skm, svb, svh, svm, sob, soh, som,
+        scb, sch, sib, sih, siq,
+        D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        qb = tl.program_id(0)
+        bh = tl.program_id(1)
+        b = bh // H
+        h = bh % H
+        kvh = h // KV_GROUP
+        rows = qb * BLOCK + tl.arange(0, BLOCK)  # padded query rows
+        dims = tl.arange(0, BLOCK_D)
+        d_ok = dims < D
+        q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqm + dims[None, :],
+                    mask=(rows < LQ)[:, None] & d_ok[None, :], other=0.0)
+        q_pos = FIRST + rows  # absolute positions
+        m_i = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
+        count = tl.load(counts_ptr + b * scb + h * sch + qb)
+        index_row = indices_ptr + b * sib + h * sih + qb * siq
+        k_base = k_ptr + b * skb + kvh * skh
+        v_base = v_ptr + b * svb + kvh * svh
+        for n in range(0, count):
+            kb = tl.load(index_row + n)
+            cols = kb * BLOCK + tl.arange(0, BLOCK)
+            c_ok = cols < LK
+            kt = tl.load(k_base + cols[None, :] * skm + dims[:, None], mask=c_ok[None, :] & d_ok[:, None], other=0.0)
+            s = tl.dot(q, kt) * scale  # [BLOCK, BLOCK] in float32
+            allowed = c_ok[None, :] & (cols[None, :] <= q_pos[:, None])
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + cols[:, None] * svm + dims[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(o_ptr + b * sob + h * soh + rows[:, None] * som + dims[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=(rows < LQ)[:, None] & d_ok[None, :])
+
+
+def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor,
+                           indices: torch.Tensor, block: int, first: int, scale: float | None = None) -> torch.Tensor:
+    """Causal attention of block-aligned ``q [B, H, Lq', D]`` over ``k, v [B, Hkv, Lk, D]``, kept blocks only.
+
+    ``counts [B, H, QB]`` and ``indices [B, H, QB, KB]`` (int32) list each
+    query block's key blocks; ``first`` is the absolute position of q's row 0.
+    Returns ``[B, H, Lq', D]`` in q's dtype.
+    """
+    if not HAVE_TRITON:
+        raise RuntimeError("the block-sparse attention kernel needs triton: pip install triton")
+    b, h, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    if h % hkv or block not in (16, 32, 64, 128) or lq % block or first % block:
+        raise ValueError(f"block-sparse attention: q {tuple(q.shape)}, k {tuple(k.shape)}, block {block}, first {first} do not fit")
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    counts = counts.to(torch.int32).contiguous()
+    indices = indices.to(torch.int32).contiguous()
+    out = torch.empty_like(q)
+    grid = (lq // block, b * h)
+    _block_sparse_attn_kernel[grid](
+        q, k, v, out, counts, indices,
+        h, h // hkv, lq, lk, first, indices.shape[-1], 1.0 / math.sqrt(d) if scale is None else scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        counts.stride(0), counts.stride(1), indices.stride(0), indices.stride(1), indices.stride(2),
+        D=d, BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        num_warps=4 if block <= 64 else 8, num_stages=2,
+    )
+    return out
