@@ -61,7 +61,7 @@ def rel(a, b):
 
 def test_every_pattern_is_registered():
     assert set(PATTERNS.names()) == set(FULL)
-    assert set(BACKENDS.names()) >= {"reference", "flex"}
+    assert set(BACKENDS.names()) >= {"reference", "flex", "masked", "triton"}
 
 
 @pytest.mark.parametrize("name", sorted(FULL))
@@ -71,7 +71,7 @@ def test_full_density_equals_dense(name, lq):
     mask = make_pattern(name, block_size=BLOCK, **FULL[name]).mask(q, expand(k, q.shape[1]))
     assert mask.density() == pytest.approx(1.0)
     ref = reference64(q, k, v, causal(lq, 200).expand(2, 4, lq, 200))
-    for backend in ("reference", "flex"):
+    for backend in ("reference", "flex", "masked"):
         assert rel(attend(q, k, v, mask, backend=backend), ref) < 1e-5, backend
 
 
@@ -86,7 +86,7 @@ def test_sparse_masks_are_causal_and_backends_agree(name, lq):
     if lq > 1:
         assert mask.density() < 1.0, f"{name} kept everything at sparse settings"
     ref = reference64(q, k, v, tokens)
-    for backend in ("reference", "flex"):
+    for backend in ("reference", "flex", "masked"):
         assert rel(attend(q, k, v, mask, backend=backend), ref) < 1e-5, backend
 
 

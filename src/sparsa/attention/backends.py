@@ -7,6 +7,9 @@
 * ``flex``: PyTorch FlexAttention driven by the same block mask (converted to
   FlexAttention's ``BlockMask`` without building any token-level tensor) with
   a causal ``mask_mod``; compiled on CUDA, eager elsewhere.
+* ``masked``: dense SDPA with the token-level mask the block mask implies:
+  the same function, no faster, ``L x L`` memory; the quick way to measure
+  accuracy on a CPU at moderate lengths.
 * ``triton``: our own Triton kernel (:mod:`sparsa.kernels.block_sparse_attn`)
   walking each query block's kept key blocks with an online softmax.
 
@@ -24,7 +27,7 @@ from ..errors import InputError
 from ..registry import Registry
 from .masks import BlockMask, block_aligned
 
-__all__ = ["BACKENDS", "attend", "flex", "kept_lists", "reference", "triton_kernel"]
+__all__ = ["BACKENDS", "attend", "flex", "kept_lists", "masked", "reference", "triton_kernel"]
 
 BACKENDS: Registry = Registry("attention backend")
 
@@ -129,6 +132,14 @@ def flex(q, k, v, mask: BlockMask, scale: float | None = None) -> torch.Tensor:
     fn = _flex_fn(q.device)
     out = fn(qp, k, v, block_mask=to_flex(mask, qp.shape[-2]), scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return out[:, :, front : front + lq]
+
+
+@BACKENDS.register("masked")
+def masked(q, k, v, mask: BlockMask, scale: float | None = None) -> torch.Tensor:
+    _check(q, k, v, mask)
+    allowed = mask.token_mask()
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
+                                                            enable_gqa=k.shape[1] != q.shape[1])
 
 
 @BACKENDS.register("triton")

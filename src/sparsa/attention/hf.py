@@ -35,6 +35,7 @@ __all__ = ["AttentionPolicy", "apply", "remove"]
 NAME = "sparsa"
 DECODE_ONLY = ("quest",)
 PREFILL_ONLY = ("vertical_slash", "antidiagonal", "flexprefill")
+MASKED_MAX_ELEMENTS = 1 << 28
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,10 +53,13 @@ class AttentionPolicy:
             return self.method not in PREFILL_ONLY
         return self.method not in DECODE_ONLY
 
-    def run_backend(self, device: torch.device) -> str:
+    def run_backend(self, device: torch.device, q_len: int, k_len: int, heads: int) -> str:
+        """``auto``: FlexAttention on CUDA; on a CPU the masked dense path while its mask fits in 256 MB, else reference."""
         if self.backend != "auto":
             return self.backend
-        return "flex" if device.type == "cuda" else "reference"
+        if device.type == "cuda":
+            return "flex"
+        return "masked" if q_len * k_len * heads <= MASKED_MAX_ELEMENTS else "reference"
 
 
 def _forward(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -81,7 +85,7 @@ def _forward(module: nn.Module, query, key, value, attention_mask, dropout: floa
         dense_heads = [h for h in range(heads) if h not in policy.heads]
         mask.blocks[:, dense_heads] = causal_blocks(q_len, k_len, mask.block_size, query.device)
     module.sparsa_last_density = mask.density()
-    out = attend(query, key, value, mask, scale=scaling, backend=policy.run_backend(query.device))
+    out = attend(query, key, value, mask, scale=scaling, backend=policy.run_backend(query.device, q_len, k_len, heads))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -116,8 +120,9 @@ def apply(
     ``layers``: decoder layer indices to make sparse (default all; negative
     counts from the end). ``heads``: query-head indices made sparse in those
     layers (default all). ``min_len``: below this many keys attention stays
-    dense. ``backend``: ``auto`` (FlexAttention on CUDA, else reference),
-    ``flex`` or ``reference``.
+    dense. ``backend``: ``auto`` (FlexAttention on CUDA; on a CPU the masked
+    dense path, or reference for very long inputs), ``flex``, ``triton``,
+    ``masked`` or ``reference``.
     """
     name = type(model).__name__
     require(hasattr(model, "set_attn_implementation") and hasattr(model, "config"),

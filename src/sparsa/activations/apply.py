@@ -1,0 +1,134 @@
+"""Calibrate activation thresholds on text and install them in a model (forward hooks, removable)."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+import torch.nn as nn
+
+from ..errors import require
+from .base import ACTIVATION_METHODS, ActivationConfig, Site
+
+__all__ = ["ActivationSparsity", "apply"]
+
+
+@dataclasses.dataclass
+class ActivationSparsity:
+    """The installed sites of one model: thresholds, hooks, and measured sparsity while tracking."""
+
+    config: ActivationConfig
+    sites: list[Site]
+    handles: list = dataclasses.field(default_factory=list)
+    track: bool = False
+
+    def thresholds(self) -> dict[str, float]:
+        return {s.name: s.threshold for s in self.sites}
+
+    def measured_sparsity(self) -> float:
+        """Fraction of activations zeroed since tracking started (over every site)."""
+        total = sum(s.total for s in self.sites)
+        return sum(s.zeros for s in self.sites) / total if total else 0.0
+
+    def start_tracking(self) -> None:
+        for s in self.sites:
+            s.zeros = s.total = 0
+        self.track = True
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def _hook(site: Site, owner: ActivationSparsity):
+    if site.kind == "input":
+        def pre(module, args):
+            return (site.cut(args[0], owner.track), *args[1:])
+
+        return site.module.register_forward_pre_hook(pre)
+
+    def post(module, args, output):
+        return site.cut(output, owner.track)
+
+    return site.module.register_forward_hook(post)
+
+
+def _calibrate(model: nn.Module, sites: list[Site], batches: torch.Tensor, config: ActivationConfig) -> None:
+    """Each site's threshold: the ``sparsity`` quantile of its scores over a random sample of calibration activations.
+
+    Two passes: the first on the dense model; the second with the first
+    pass's cuts in place, since cutting early layers shifts what later
+    layers see (the deployed model sees the shifted activations).
+    """
+    _quantiles(model, sites, batches, config)
+    if config.sparsity > 0:
+        owner = ActivationSparsity(config, sites)
+        owner.handles = [_hook(s, owner) for s in sites]
+        try:
+            _quantiles(model, sites, batches, config)
+        finally:
+            owner.remove()
+
+
+def _quantiles(model: nn.Module, sites: list[Site], batches: torch.Tensor, config: ActivationConfig) -> None:
+    gen = torch.Generator().manual_seed(config.seed)
+    samples: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
+
+    def collect(site):
+        def take(x):
+            scores = site.score(x.detach()).float().reshape(-1).cpu()
+            if scores.numel() > config.values_per_batch:
+                scores = scores[torch.randint(0, scores.numel(), (config.values_per_batch,), generator=gen)]
+            samples[site.name].append(scores)
+
+        # prepend: the scores are taken before this site's own cut, if installed
+        if site.kind == "input":
+            return site.module.register_forward_pre_hook(lambda m, args: take(args[0]), prepend=True)
+        return site.module.register_forward_hook(lambda m, args, out: take(out), prepend=True)
+
+    handles = [collect(s) for s in sites]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for row in batches:
+                model(row[None].to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    for site in sites:
+        values = torch.cat(samples[site.name])
+        if config.sparsity > 0:  # the value with a `sparsity` fraction of the sample below it
+            site.threshold = float(values.kthvalue(max(1, round(config.sparsity * values.numel()))).values)
+        else:
+            site.threshold = float("-inf")
+
+
+def apply(lm, method: str = "teal", sparsity: float = 0.5, *, tokenizer=None, text: str | None = None, **options) -> ActivationSparsity:
+    """Calibrate ``method`` at ``sparsity`` on text and install it in ``lm`` (a LoadedModel, or a model with ``tokenizer``).
+
+    ``text`` defaults to the shipped calibration text. Options are
+    :class:`ActivationConfig` fields (``targets``, ``samples``, ``seq_len``,
+    ``seed``). Returns the handle; ``.remove()`` restores the dense model.
+    Sparsity 0 installs nothing that changes the output.
+    """
+    from ..data.calibration import calibration_samples
+    from ..data.text import load_text
+
+    from ..models.loading import LoadedModel
+
+    model = lm.model if isinstance(lm, LoadedModel) else lm
+    tokenizer = tokenizer or (lm.tokenizer if isinstance(lm, LoadedModel) else None)
+    require(tokenizer is not None, "activation sparsity calibrates on text: pass a LoadedModel or tokenizer=")
+    config = ActivationConfig(method=method, sparsity=sparsity, **options)
+    sites = ACTIVATION_METHODS.get(config.method)(model, config)
+    if any(type(s.module).__name__ == "SparseLinear24" for s in sites):
+        warnings.warn("sparsa.activations: inputs of 2:4 layers are cut too, but the 2:4 kernels read every weight "
+                      "group regardless, so the two sparsities do not combine into more speed", RuntimeWarning, stacklevel=2)
+    body = text if text is not None else load_text(config.calibration if config.calibration != "shipped" else "calibration")
+    batches = calibration_samples(tokenizer, body, config.samples, config.seq_len, config.seed)
+    _calibrate(model, sites, batches, config)
+    handle = ActivationSparsity(config, sites)
+    handle.handles = [_hook(s, handle) for s in sites]
+    return handle

@@ -1,0 +1,84 @@
+"""Activation sparsity: zero the least important input channels of a layer, per token, at a calibrated threshold.
+
+A *method* names its *sites* (where activations are cut: the input of a
+linear layer, or the output of an MLP's gate activation) and a per-channel
+*score* for each (``|x|``, or ``|x|`` times the weight column's norm). On
+calibration text every site collects a random sample of its scores; the
+site's threshold is the score quantile at the target sparsity. Applied, a
+site keeps the channels whose score reaches its threshold and zeroes the
+rest, token by token. Methods are one file each and register here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..errors import InputError, require
+from ..registry import Registry
+
+__all__ = ["ACTIVATION_METHODS", "ActivationConfig", "Site", "in_decoder_layer", "linear_sites"]
+
+ACTIVATION_METHODS: Registry[Callable] = Registry("activation sparsity method")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationConfig:
+    method: str = "teal"
+    sparsity: float = 0.5
+    targets: tuple[str, ...] = TARGETS  # linear layers (by name suffix) whose inputs are cut
+    calibration: str = "shipped"
+    samples: int = 16
+    seq_len: int = 512
+    seed: int = 0
+    values_per_batch: int = 16384  # scores kept per site and calibration batch (a random sample)
+
+    def __post_init__(self) -> None:
+        require(0.0 <= self.sparsity < 1.0, f"activation sparsity must be in [0, 1), got {self.sparsity}; give a fraction such as 0.5")
+        require(bool(self.targets), "targets is empty; name at least one linear layer, e.g. down_proj")
+        require(self.samples >= 1 and self.seq_len >= 8, "need samples >= 1 and seq_len >= 8 for calibration")
+
+
+@dataclasses.dataclass
+class Site:
+    """One place where activations are cut."""
+
+    name: str
+    module: nn.Module
+    kind: str  # "input": the module's (first) input; "output": its output
+    score: Callable[[torch.Tensor], torch.Tensor]  # same shape as the activation, >= 0
+    threshold: float | None = None
+    zeros: int = 0  # counted while tracking
+    total: int = 0
+
+    def cut(self, x: torch.Tensor, track: bool) -> torch.Tensor:
+        if self.threshold is None:
+            return x
+        keep = self.score(x) >= self.threshold
+        if track:
+            self.zeros += int((~keep).sum())
+            self.total += keep.numel()
+        return x * keep
+
+
+def in_decoder_layer(name: str) -> bool:
+    return re.search(r"(^|\.)layers\.\d+\.", name) is not None
+
+
+def linear_sites(model: nn.Module, targets: tuple[str, ...], score_for: Callable[[nn.Module], Callable]) -> list[Site]:
+    """An input site for every linear layer (nn.Linear or sparsa's 2:4 layer) named ``*.<target>`` in a decoder layer."""
+    from ..kernels.sparse24 import SparseLinear24
+
+    sites = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, SparseLinear24)) and name.rsplit(".", 1)[-1] in targets and in_decoder_layer(name):
+            sites.append(Site(name, module, "input", score_for(module)))
+    if not sites:
+        raise InputError(f"no linear layer named {', '.join(targets)} inside the decoder layers; "
+                         f"targets must be layer names such as {', '.join(TARGETS)}")
+    return sites

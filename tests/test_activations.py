@@ -1,0 +1,109 @@
+"""Activation sparsity: calibrated thresholds hold on held-out text, sparsity 0 is dense, hooks come off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsa.activations import ACTIVATION_METHODS, apply
+from sparsa.data.calibration import tokenize
+from sparsa.data.text import shipped_text
+from sparsa.errors import InputError
+
+from conftest import tiny_llama_config
+
+
+def test_methods_registered():
+    assert set(ACTIVATION_METHODS.names()) == {"teal", "wina", "cats"}
+
+
+@pytest.fixture()
+def tiny(tokenizer):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(tiny_llama_config(len(tokenizer))).eval()
+
+
+@pytest.mark.parametrize("method", ["teal", "wina", "cats"])
+def test_sparsity_zero_is_dense_and_remove_restores(method, tiny, tokenizer):
+    ids = tokenize(tokenizer, shipped_text("evaluation"))[:200][None]
+    with torch.no_grad():
+        dense = tiny(ids).logits
+        handle = apply(tiny, method, 0.0, tokenizer=tokenizer, samples=2, seq_len=64)
+        assert torch.equal(tiny(ids).logits, dense)
+        handle.remove()
+        handle = apply(tiny, method, 0.6, tokenizer=tokenizer, samples=2, seq_len=64)
+        assert not torch.equal(tiny(ids).logits, dense)
+        handle.remove()
+        assert torch.equal(tiny(ids).logits, dense)
+
+
+@pytest.mark.parametrize("method", ["teal", "wina", "cats"])
+@pytest.mark.parametrize("sparsity", [0.4, 0.65])
+def test_thresholds_hold_on_held_out_text(method, sparsity, default_lm):
+    text = shipped_text("evaluation")
+    half = len(text) // 2
+    handle = apply(default_lm, method, sparsity, text=text[:half], samples=8, seq_len=256)  # calibrate on one half
+    try:
+        handle.start_tracking()
+        ids = tokenize(default_lm.tokenizer, text[half:])  # measure on the other
+        held_out = torch.stack([ids[start : start + 256] for start in range(1000, 1000 + 8 * 7919, 7919)])  # 8 windows
+        with torch.no_grad():
+            default_lm.model(held_out)
+        assert abs(handle.measured_sparsity() - sparsity) <= 0.02, handle.measured_sparsity()
+    finally:
+        handle.remove()
+
+
+def test_wina_scores_weigh_columns(tiny, tokenizer):
+    handle = apply(tiny, "wina", 0.5, tokenizer=tokenizer, samples=1, seq_len=32, targets=("down_proj",))
+    try:
+        site = handle.sites[0]
+        x = torch.ones(1, site.module.weight.shape[1])
+        norms = site.module.weight.norm(dim=0)
+        assert torch.allclose(site.score(x)[0], norms)
+    finally:
+        handle.remove()
+
+
+def test_bad_input(tiny, tokenizer):
+    with pytest.raises(InputError, match=r"\[0, 1\)"):
+        apply(tiny, "teal", 1.0, tokenizer=tokenizer)
+    with pytest.raises(InputError, match="unknown activation sparsity method"):
+        apply(tiny, "magic", 0.5, tokenizer=tokenizer)
+    with pytest.raises(InputError, match="no linear layer named"):
+        apply(tiny, "teal", 0.5, tokenizer=tokenizer, targets=("w1",))
+    with pytest.raises(InputError, match="tokenizer"):
+        apply(tiny, "teal", 0.5)
+
+
+GEMV_BODY = r"""
+import torch
+from sparsa.kernels.sparse_gemv import sparse_gemv, transpose_weight
+
+torch.manual_seed(0)
+worst = 0.0
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for m, n, k, split in ((1, 70, 96, 1), (3, 130, 200, 2), (8, 64, 64, 1)):
+        w = torch.randn(n, k).to(dtype)
+        x = torch.randn(m, k)
+        x[torch.rand(m, k) < 0.6] = 0.0  # 60% of channels inactive
+        x[0] = 0.0 if m > 1 else x[0]     # an all-zero token
+        if m > 2:
+            x[1] = torch.randn(k)          # an all-active token
+        x = x.to(dtype)
+        b = torch.randn(n).to(dtype)
+        ref = x.double() @ w.double().T + b.double()
+        out = sparse_gemv(x, transpose_weight(w), b, block_n=32, block_k=16, split_k=split)
+        err = ((out.double() - ref).norm() / ref.norm()).item()
+        assert err < (1e-6 if dtype == torch.float32 else 1e-2), (dtype, m, n, k, err)
+        worst = max(worst, err)
+print(f"gemv interpreter ok, worst {worst:.2e}")
+"""
+
+
+def test_sparse_gemv_under_the_interpreter(tmp_path):
+    from triton_interpreter import run_interpreted
+
+    assert "gemv interpreter ok" in run_interpreted(GEMV_BODY, tmp_path)
