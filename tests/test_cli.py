@@ -165,3 +165,11 @@ def test_attention_flags_fail_in_one_line(capsys, tiny_dir):
     assert_one_line_error(code, err, "unknown attention pattern")
     code, _, err = run_cli(capsys, "eval", str(tiny_dir), "--longctx", "needle", "--lengths", "4096")
     assert_one_line_error(code, err, "exceed")
+
+
+def test_eval_with_activation_sparsity(capsys, tiny_dir):
+    code, out, err = run_cli(capsys, "eval", str(tiny_dir), "--activations", "teal", "--activation-sparsity", "0.4", "--max-tokens", "512", "--seq-len", "128")
+    assert code == 0, err
+    assert "activation sparsity measured during the evaluation" in err and "perplexity" in out
+    code, _, err = run_cli(capsys, "eval", str(tiny_dir), "--activations", "teal", "--activation-sparsity", "1.5")
+    assert_one_line_error(code, err, "[0, 1)")

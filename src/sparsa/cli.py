@@ -34,10 +34,13 @@ examples:
   sparsa eval smol-24 --tasks hellaswag --limit 100            # lm-evaluation-harness, when its data is available
   sparsa eval smol-24 --tasks my_task --include-path ./tasks   # your own task YAML
   sparsa eval --longctx needle,variable_tracking --lengths 2048,4096 --examples 4
+  sparsa eval --activations wina --activation-sparsity 0.4           # perplexity with 40% activation sparsity
   sparsa eval --longctx needle --lengths 4096 --attention vertical_slash --attention-set vertical=512 slash=512 --attention-min-len 1024
 
 --longctx runs our seeded long-context tasks (needle, multikey, multivalue,
 variable_tracking, common_words) and scores answers by exact match.
+--activations zeroes the smallest activations per token (teal: |x|; wina:
+|x| times the weight column norm; cats: the MLP gate) at calibrated thresholds.
 --attention makes attention sparse during the evaluation (patterns: streaming,
 vertical_slash, antidiagonal, flexprefill for prefill; quest for decoding).
 """
@@ -188,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", default="4096", help="with --longctx: prompt lengths in tokens, comma-separated (default: 4096)")
     p.add_argument("--examples", type=_positive, default=4, help="with --longctx: examples per task and length (default: 4)")
     _attention_args(p)
+    p.add_argument("--activations", default=None, metavar="METHOD", help="activation sparsity during the evaluation: teal, wina or cats (calibrated on the shipped text)")
+    p.add_argument("--activation-sparsity", type=_unit_interval, default=0.5, help="with --activations: fraction of activations zeroed, in [0, 1) (default: 0.5)")
 
     p = sub.add_parser("inspect", help="sparsity per layer, detected pattern, zero parameters", description="Report a model's architecture, parameter count, global and per-layer sparsity and the sparsity pattern each layer follows.", epilog=EPILOG_INSPECT, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_arg(p)
@@ -256,6 +261,12 @@ def cmd_eval(args) -> int:
 
     lm = _load(args)
     _apply_attention(lm, args)
+    if args.activations:
+        from .activations import apply as sparsify_activations
+
+        handle = sparsify_activations(lm, args.activations, args.activation_sparsity)
+        handle.start_tracking()
+        _say(f"activation sparsity: {args.activations} at {args.activation_sparsity:.0%} (calibrated on the shipped text)")
     if args.longctx:
         from .eval.longctx import evaluate_longctx
 
@@ -272,6 +283,8 @@ def cmd_eval(args) -> int:
         result = evaluate(lm, args.text, seq_len=args.seq_len, max_tokens=args.max_tokens or None)
         results = {"perplexity": result.to_dict()}
         _table("perplexity", ["model", "text", "perplexity", "tokens", "windows x len"], [(lm.info.name, args.text, f"{result.perplexity:.3f}", str(result.tokens), f"{result.windows} x {result.seq_len}")])
+    if args.activations:
+        _say(f"activation sparsity measured during the evaluation: {handle.measured_sparsity():.1%}")
     if args.json_out:
         from .models import atomic_write_text
 
