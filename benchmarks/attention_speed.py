@@ -21,13 +21,12 @@ estimation at most 10% of dense attention time; 128k runs within 80 GB.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
-from sparsa.benchmarking import goal, print_goals, write_results
+from sparsa.benchmarking import cuda_median_ms, goal, print_goals, write_results
 
 HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 128, 128
 PATTERNS = {
@@ -36,20 +35,6 @@ PATTERNS = {
     "antidiagonal": dict(threshold=0.9),
     "flexprefill": dict(coverage=0.9),
 }
-
-
-def cuda_ms(fn, reps: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def random_mask(length: int, density: float, seed: int):
@@ -88,7 +73,7 @@ def main() -> None:
         q = torch.randn(1, HEADS, length, DIM, device="cuda", dtype=torch.bfloat16, generator=g)
         k = torch.randn(1, KV_HEADS, length, DIM, device="cuda", dtype=torch.bfloat16, generator=g)
         v = torch.randn(1, KV_HEADS, length, DIM, device="cuda", dtype=torch.bfloat16, generator=g)
-        dense_ms = cuda_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        dense_ms = cuda_median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
         row = {"length": length, "dense_ms": dense_ms, "fixed_95": {}, "patterns": {}}
         mask = random_mask(length, 0.05, seed=1)
         row["fixed_95"]["density"] = mask.density()
@@ -96,7 +81,7 @@ def main() -> None:
             try:
                 out = attend(q, k, v, mask, backend=backend)
                 row["fixed_95"][f"{backend}_error"] = check(q, k, v, mask, out)
-                row["fixed_95"][f"{backend}_ms"] = cuda_ms(lambda b=backend: attend(q, k, v, mask, backend=b))
+                row["fixed_95"][f"{backend}_ms"] = cuda_median_ms(lambda b=backend: attend(q, k, v, mask, backend=b))
             except Exception as exc:  # noqa: BLE001 - recorded, the others still run
                 row["fixed_95"][f"{backend}_error"] = f"{type(exc).__name__}: {exc}"[:300]
         times = [row["fixed_95"].get(f"{b}_ms") for b in ("flex", "triton") if isinstance(row["fixed_95"].get(f"{b}_ms"), float)]
@@ -108,10 +93,10 @@ def main() -> None:
             entry = {}
             try:
                 pattern = make_pattern(name, block_size=BLOCK, **settings)
-                entry["estimate_ms"] = cuda_ms(lambda: pattern.mask(q, expanded), reps=3)
+                entry["estimate_ms"] = cuda_median_ms(lambda: pattern.mask(q, expanded), reps=3)
                 pmask = pattern.mask(q, expanded)
                 entry["density"] = pmask.density()
-                entry["attend_ms"] = min(cuda_ms(lambda b=b: attend(q, k, v, pmask, backend=b)) for b in ("flex", "triton"))
+                entry["attend_ms"] = min(cuda_median_ms(lambda b=b: attend(q, k, v, pmask, backend=b)) for b in ("flex", "triton"))
                 entry["estimate_over_dense"] = entry["estimate_ms"] / dense_ms
                 entry["speedup_with_estimate"] = dense_ms / (entry["estimate_ms"] + entry["attend_ms"])
             except Exception as exc:  # noqa: BLE001

@@ -23,7 +23,6 @@ Goals (issue 5): prefill dense/ours >= 1.3, decode tokens/s ours/dense >= 1.25.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 
@@ -31,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsa.benchmarking import goal, print_goals, write_results
+from sparsa.benchmarking import cuda_median_ms, goal, print_goals, write_results
 
 HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM = 4096, 14336, 32, 8, 128
 
@@ -39,13 +38,10 @@ HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM = 4096, 14336, 32, 8, 128
 class Block(nn.Module):
     def __init__(self, seed: int) -> None:
         super().__init__()
-        from sparsa.kernels.bench_linear import random_24
+        from sparsa.kernels.sparse24 import random_24_linear
 
         def linear(n, k, s):
-            lin = nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
-            with torch.no_grad():
-                lin.weight.copy_(random_24(n, k, torch.bfloat16, seed=seed * 8 + s))
-            return lin
+            return random_24_linear(n, k, torch.bfloat16, seed=seed * 8 + s)
 
         self.qkv = linear((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN, 0)
         self.o = linear(HIDDEN, HEADS * HEAD_DIM, 1)
@@ -98,15 +94,7 @@ class Stack(nn.Module):
 
 
 def time_prefill(model, x, reps: int) -> float:
-    times = []
-    for _ in range(reps + 2):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        model(x, 0)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times[2:])
+    return cuda_median_ms(lambda: model(x, 0), reps=reps, warmup=2)
 
 
 def time_decode(model, context: int, reps: int) -> tuple[float, torch.Tensor]:
@@ -122,17 +110,7 @@ def time_decode(model, context: int, reps: int) -> tuple[float, torch.Tensor]:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = model(token, context)
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), out.clone()
+    return cuda_median_ms(graph.replay, reps=reps, warmup=3), out.clone()
 
 
 def rel_error(a, b) -> float:

@@ -68,6 +68,26 @@ def write_results(name: str, payload: dict, goals: list[dict], directory: Path |
     return path
 
 
+def cuda_median_ms(fn, reps: int = 5, warmup: int = 1) -> float:
+    """Median GPU time of ``fn()`` in milliseconds: CUDA events around each call, after ``warmup`` untimed calls."""
+    import statistics
+
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
 def print_goals(goals: list[dict]) -> None:
     for g in goals:
         mark = "met" if g["met"] else "NOT met"

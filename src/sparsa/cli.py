@@ -132,11 +132,15 @@ def _settings(pairs: list[str]) -> dict:
     return out
 
 
-def _int_list(text: str, flag: str) -> list[int]:
+def _int_list(text: str, flag: str, positive: bool = False) -> list[int]:
+    kind = "positive integers" if positive else "integers"
     try:
-        return [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise InputError(f"{flag} {text!r}: give integers separated by commas, e.g. 2048,4096") from None
+        values = []
+    if not values or (positive and min(values) < 1):
+        raise InputError(f"{flag} {text!r}: give {kind} separated by commas, e.g. 1,16,4096")
+    return values
 
 
 def _apply_attention(lm, args) -> None:
@@ -271,7 +275,7 @@ def cmd_eval(args) -> int:
         from .eval.longctx import evaluate_longctx
 
         tasks = [t.strip() for t in args.longctx.split(",") if t.strip()]
-        lengths = _int_list(args.lengths, "--lengths")
+        lengths = _int_list(args.lengths, "--lengths", positive=True)
         results = evaluate_longctx(lm.model, lm.tokenizer, tasks, lengths, n=args.examples)
         _table("long-context (exact match)", ["task"] + [str(n) for n in lengths],
                [(t, *(f"{results['scores'][t][n]:.2f}" for n in lengths)) for t in tasks])
@@ -352,11 +356,7 @@ def cmd_bench(args) -> int:
 
     from .kernels import bench_linear as bl
 
-    tokens = []
-    for part in args.tokens.split(","):
-        if not part.strip().isdigit() or int(part) < 1:
-            raise InputError(f"--tokens {args.tokens!r}: give positive integers separated by commas, e.g. 1,16,4096")
-        tokens.append(int(part))
+    tokens = _int_list(args.tokens, "--tokens", positive=True)
     shapes = [(args.model, *s) for s in bl.SHAPES[args.model]]
     if args.shape:
         shapes = [("-", "custom", *_shape(args.shape))]

@@ -13,6 +13,7 @@ blocks whose estimated probability reaches ``threshold``.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import math
 
 import torch
@@ -29,6 +30,7 @@ CHUNK_ROWS = 2048  # query rows scored at a time
 @PATTERNS.register("antidiagonal")
 @dataclasses.dataclass(frozen=True)
 class Antidiagonal(PatternBase):
+    phase: ClassVar[str] = "prefill"
     stride: int = 8
     threshold: float = 0.9
 

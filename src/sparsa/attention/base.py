@@ -1,7 +1,7 @@
 """What an attention pattern is, and the registry that names them.
 
-A pattern is a frozen dataclass of its settings with one method,
-``mask(q, k) -> BlockMask``: given the actual queries ``[B, H, Lq, D]`` and
+A pattern is a frozen dataclass of its settings, a ``phase`` (prefill,
+decode or both) and one method, ``mask(q, k) -> BlockMask``: given the actual queries ``[B, H, Lq, D]`` and
 keys ``[B, H, Lk, D]`` (grouped-query heads already expanded), it decides
 which key blocks each query block attends to. Each pattern lives in its own
 file and registers itself here; :func:`make_pattern` builds one by name from
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import ClassVar
 
 import torch
 
@@ -27,6 +28,8 @@ PATTERNS: Registry[type] = Registry("attention pattern")
 @dataclasses.dataclass(frozen=True)
 class PatternBase:
     block_size: int = 64
+    # when the pattern applies: "prefill" (several queries), "decode" (one query) or "both"
+    phase: ClassVar[str] = "both"
 
     def __post_init__(self) -> None:
         require(self.block_size in (16, 32, 64, 128), f"block_size must be 16, 32, 64 or 128, got {self.block_size}")

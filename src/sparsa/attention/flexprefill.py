@@ -13,6 +13,7 @@ attention, keeping the fewest columns and diagonals that reach ``coverage``
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import math
 
 import torch
@@ -38,6 +39,7 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 @PATTERNS.register("flexprefill")
 @dataclasses.dataclass(frozen=True)
 class FlexPrefill(PatternBase):
+    phase: ClassVar[str] = "prefill"
     coverage: float = 0.9  # gamma: probability mass each query block (or head) must keep
     divergence: float = 0.1  # tau: JS divergence under which the pooled estimate is trusted
 

@@ -33,8 +33,6 @@ from .masks import causal_blocks
 __all__ = ["AttentionPolicy", "apply", "remove"]
 
 NAME = "sparsa"
-DECODE_ONLY = ("quest",)
-PREFILL_ONLY = ("vertical_slash", "antidiagonal", "flexprefill")
 MASKED_MAX_ELEMENTS = 1 << 28
 
 
@@ -49,9 +47,7 @@ class AttentionPolicy:
     def applies(self, q_len: int, k_len: int) -> bool:
         if k_len < self.min_len:
             return False
-        if q_len == 1:
-            return self.method not in PREFILL_ONLY
-        return self.method not in DECODE_ONLY
+        return self.pattern.phase in ("both", "decode" if q_len == 1 else "prefill")
 
     def run_backend(self, device: torch.device, q_len: int, k_len: int, heads: int) -> str:
         """``auto``: FlexAttention on CUDA; on a CPU the masked dense path while its mask fits in 256 MB, else reference."""

@@ -12,6 +12,7 @@ over its queries.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 
@@ -38,6 +39,7 @@ def page_bounds(k: torch.Tensor, page: int) -> tuple[torch.Tensor, torch.Tensor]
 @PATTERNS.register("quest")
 @dataclasses.dataclass(frozen=True)
 class Quest(PatternBase):
+    phase: ClassVar[str] = "decode"
     pages: int = 16  # pages attended per query (besides its own)
 
     def __post_init__(self) -> None:

@@ -12,6 +12,7 @@ probability along it. The top ``vertical`` columns and ``slash`` diagonals
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 
@@ -62,6 +63,7 @@ def _top(scores: torch.Tensor, count: int) -> torch.Tensor:
 @PATTERNS.register("vertical_slash")
 @dataclasses.dataclass(frozen=True)
 class VerticalSlash(PatternBase):
+    phase: ClassVar[str] = "prefill"
     vertical: int = 1024  # key columns kept
     slash: int = 1024  # diagonals kept
     last_q: int = 64  # queries used for the estimate

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SHAPES", "TOKENS", "DTYPES", "LinearCase", "format_header", "random_24", "run_shape", "summarize"]
+__all__ = ["SHAPES", "TOKENS", "DTYPES", "format_case", "format_header", "format_summary", "run_shape", "summarize"]
 
 SHAPES = {
     "8B": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)],
@@ -35,30 +33,6 @@ TOKENS = (1, 16, 64, 128, 1024, 4096, 16384)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 X_BYTES = 1 << 30  # rotating inputs: as many copies as fit in this (2 to 4)
 ROUNDS = 3
-
-
-@dataclass
-class LinearCase:
-    model: str
-    layer: str
-    n: int
-    k: int
-    dtype: str
-    m: int
-
-
-def random_24(n: int, k: int, dtype: torch.dtype, seed: int, device: str = "cuda") -> torch.Tensor:
-    """A random 2:4 weight (two of every four inputs kept, chosen at random), built in slabs of rows."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    w = torch.empty(n, k, device=device, dtype=dtype)
-    step = 4096
-    for start in range(0, n, step):
-        rows = min(step, n - start)
-        block = torch.randn(rows, k, generator=g, device=device).mul_(0.02)
-        keep = torch.rand(rows, k // 4, 4, generator=g, device=device).argsort(dim=2)[..., :2]
-        mask = torch.zeros(rows, k // 4, 4, dtype=torch.bool, device=device).scatter_(2, keep, True)
-        w[start : start + rows] = (block * mask.reshape(rows, k)).to(dtype)
-    return w
 
 
 def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
@@ -94,12 +68,9 @@ def time_side_by_side(fns: dict, rep_ms: float, rounds: int = ROUNDS) -> dict[st
 def run_shape(model: str, layer: str, n: int, k: int, dname: str, tokens, rep_ms: float = 20.0, stock: bool = True):
     """Yield one result dict per token count for a random 2:4 ``(n, k)`` layer (built once)."""
     from . import dispatch
-    from .sparse24 import SparseLinear24
+    from .sparse24 import SparseLinear24, random_24_linear
 
-    dtype = DTYPES[dname]
-    linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=dtype)
-    with torch.no_grad():
-        linear.weight.copy_(random_24(n, k, dtype, seed=n + k))
+    linear = random_24_linear(n, k, DTYPES[dname], seed=n + k)
     w = linear.weight.detach()
     base = dict(model=model, layer=layer, n=n, k=k, dtype=dname)
     t0 = time.perf_counter()

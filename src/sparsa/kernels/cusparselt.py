@@ -219,7 +219,6 @@ class _Plan:
         _check(lib.cusparseLtMatmulPlanInit(h, self.plan.ptr, self.matmul.ptr, self.alg.ptr), "plan init")
         self._live.append(("cusparseLtMatmulPlanDestroy", self.plan))
         self.algorithm = algorithm or Algorithm(0)
-        self.m = m
         self._workspace_for(weight)
 
     def _set(self, h, attribute: int, value: int) -> None:

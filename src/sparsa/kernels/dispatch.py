@@ -352,18 +352,7 @@ def choose(n: int, k: int, m_bucket: int, dtype: torch.dtype) -> str:
     entry = _entries().get(_key(n, k, m_bucket, dtype))
     if entry is not None:
         return Plan.from_dict(entry).best()
-    from .sparse24 import SparseLinear24
+    from .sparse24 import SparseLinear24, random_24_linear
 
-    layer = SparseLinear24.from_linear(_random_24_linear(n, k, dtype), f"random {n}x{k}")
+    layer = SparseLinear24.from_linear(random_24_linear(n, k, dtype, seed=n * 31 + k), f"random {n}x{k}")
     return plan_for(layer, m_bucket).best(layer.available_paths())
-
-
-def _random_24_linear(n: int, k: int, dtype: torch.dtype) -> torch.nn.Linear:
-    gen = torch.Generator(device="cuda").manual_seed(n * 31 + k)
-    w = torch.randn((n, k), generator=gen, device="cuda", dtype=torch.float32).mul_(0.02)
-    keep = torch.rand((n, k // 4, 4), generator=gen, device="cuda").argsort(dim=2)[..., :2]
-    mask = torch.zeros((n, k // 4, 4), dtype=torch.bool, device="cuda").scatter_(2, keep, True)
-    linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=dtype)
-    with torch.no_grad():
-        linear.weight.copy_((w * mask.reshape(n, k)).to(dtype))
-    return linear

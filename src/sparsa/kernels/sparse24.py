@@ -48,6 +48,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError, require
 from ..prune.patterns import check_nm
+from .cusparselt import ALIGN_M, ALIGN_ROWS
 
 if TYPE_CHECKING:
     from .cusparselt import CsltWeight
@@ -60,11 +61,13 @@ __all__ = [
     "cusparselt_available",
     "decompress_24",
     "is_24",
+    "random_24",
+    "random_24_linear",
 ]
 
 K_ALIGN = 32  # Kp: K padded to a multiple of this (cuSPARSELt wants 16; the kernel reads metadata as int32 = 8 groups)
-N_ALIGN_CSLT = 16  # cuSPARSELt also wants the sparse matrix's rows a multiple of 16
-M_ALIGN_CSLT = 8  # and the dense operand's rows (tokens) a multiple of 8
+N_ALIGN_CSLT = ALIGN_ROWS  # cuSPARSELt also wants the sparse matrix's rows a multiple of 16
+M_ALIGN_CSLT = ALIGN_M  # and the dense operand's rows (tokens) a multiple of 8
 ROWS_PER_CHUNK = 1024  # compression works on slabs of rows to bound temporaries (~40 bytes per group)
 PATHS = ("triton", "cusparselt", "dense")
 DTYPES = (torch.float16, torch.bfloat16)
@@ -172,6 +175,28 @@ def compress_24(weight: torch.Tensor, name: str = "") -> Compressed24:
         pairs = nibble.reshape(rows.shape[0], kp // 8, 2)
         meta[start : start + rows.shape[0]] = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
     return Compressed24(values, meta, k)
+
+
+def random_24(n: int, k: int, dtype: torch.dtype, seed: int, device: str = "cuda") -> torch.Tensor:
+    """A random 2:4 weight (two of every four inputs kept, chosen at random), built in slabs of rows."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    w = torch.empty(n, k, device=device, dtype=dtype)
+    step = 4096
+    for start in range(0, n, step):
+        rows = min(step, n - start)
+        block = torch.randn(rows, k, generator=g, device=device).mul_(0.02)
+        keep = torch.rand(rows, k // 4, 4, generator=g, device=device).argsort(dim=2)[..., :2]
+        mask = torch.zeros(rows, k // 4, 4, dtype=torch.bool, device=device).scatter_(2, keep, True)
+        w[start : start + rows] = (block * mask.reshape(rows, k)).to(dtype)
+    return w
+
+
+def random_24_linear(n: int, k: int, dtype: torch.dtype, seed: int, device: str = "cuda") -> nn.Linear:
+    """A bias-free ``nn.Linear`` with a :func:`random_24` weight (for measurements and benchmarks)."""
+    linear = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(random_24(n, k, dtype, seed, device))
+    return linear
 
 
 def decompress_24(compressed: Compressed24) -> torch.Tensor:
