@@ -6,9 +6,10 @@ bf16, batch 1, 32 query heads, 8 key-value heads, head dim 128 (Llama-3-8B
 attention). For each length:
 
 * dense: ``F.scaled_dot_product_attention(..., is_causal=True)`` (FlashAttention);
-* a fixed 95%-sparse random block mask (5% of the causal blocks, the
-  diagonal always kept): FlexAttention (compiled) and our Triton kernel,
-  against the ideal ``dense time x density``;
+* a fixed random block mask, 95% sparse over the whole L x L block grid as
+  the issue counts it (about 10% of the causal blocks, the diagonal always
+  kept): FlexAttention (compiled) and our Triton kernel at a few launch
+  settings, against the ideal ``dense time x density``;
 * every pattern at one setting: its mask-estimation time, the density it
   chose, and the time of the best backend on that mask.
 
@@ -29,20 +30,26 @@ import torch.nn.functional as F
 from sparsa.benchmarking import cuda_median_ms, goal, print_goals, write_results
 
 HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 128, 128
-PATTERNS = {
-    "streaming": dict(sink_blocks=1, local_blocks=16),
-    "vertical_slash": dict(vertical=1024, slash=2048),
-    "antidiagonal": dict(threshold=0.9),
-    "flexprefill": dict(coverage=0.9),
-}
+PATTERNS = [  # (label, pattern, settings)
+    ("streaming", "streaming", dict(sink_blocks=1, local_blocks=16)),
+    ("vertical_slash", "vertical_slash", dict(vertical=1024, slash=2048)),
+    ("antidiagonal s8", "antidiagonal", dict(threshold=0.9, stride=8)),
+    ("antidiagonal s16", "antidiagonal", dict(threshold=0.9, stride=16)),
+    ("flexprefill", "flexprefill", dict(coverage=0.9)),
+]
+TRITON_LAUNCHES = [dict(num_warps=8, num_stages=2), dict(num_warps=8, num_stages=3), dict(num_warps=4, num_stages=2),
+                   dict(num_warps=4, num_stages=3)]
+SPARSITY = 0.95  # of the full L x L block grid, as the issue counts it: ~10% of the causal blocks are kept
 
 
-def random_mask(length: int, density: float, seed: int):
+def random_mask(length: int, sparsity: float, seed: int):
+    """Keep ``1 - sparsity`` of all L x L blocks, drawn from the causal ones (plus the diagonal)."""
     from sparsa.attention.masks import causal_blocks, finalize
 
     g = torch.Generator(device="cuda").manual_seed(seed)
     causal = causal_blocks(length, length, BLOCK, "cuda")
-    keep = (torch.rand((1, HEADS, *causal.shape), generator=g, device="cuda") < density) & causal
+    p = (1.0 - sparsity) * causal.numel() / float(causal.sum())
+    keep = (torch.rand((1, HEADS, *causal.shape), generator=g, device="cuda") < p) & causal
     return finalize(keep, length, length, BLOCK)
 
 
@@ -75,39 +82,47 @@ def main() -> None:
         v = torch.randn(1, KV_HEADS, length, DIM, device="cuda", dtype=torch.bfloat16, generator=g)
         dense_ms = cuda_median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
         row = {"length": length, "dense_ms": dense_ms, "fixed_95": {}, "patterns": {}}
-        mask = random_mask(length, 0.05, seed=1)
+        mask = random_mask(length, SPARSITY, seed=1)
         row["fixed_95"]["density"] = mask.density()
-        for backend in ("flex", "triton"):
+        for backend, launch in [("flex", {})] + [("triton", t) for t in TRITON_LAUNCHES]:
+            label = backend + "".join(f" {k[4:]}={v}" for k, v in launch.items())
             try:
-                out = attend(q, k, v, mask, backend=backend)
-                row["fixed_95"][f"{backend}_error"] = check(q, k, v, mask, out)
-                row["fixed_95"][f"{backend}_ms"] = cuda_median_ms(lambda b=backend: attend(q, k, v, mask, backend=b))
+                out = attend(q, k, v, mask, backend=backend, **launch)
+                row["fixed_95"][f"{label}_error"] = check(q, k, v, mask, out)
+                row["fixed_95"][f"{label}_ms"] = cuda_median_ms(lambda: attend(q, k, v, mask, backend=backend, **launch))
             except Exception as exc:  # noqa: BLE001 - recorded, the others still run
-                row["fixed_95"][f"{backend}_error"] = f"{type(exc).__name__}: {exc}"[:300]
-        times = [row["fixed_95"].get(f"{b}_ms") for b in ("flex", "triton") if isinstance(row["fixed_95"].get(f"{b}_ms"), float)]
-        if times:
-            row["fixed_95"]["best_speedup"] = dense_ms / min(times)
+                row["fixed_95"][f"{label}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        timed = {key[:-3]: t for key, t in row["fixed_95"].items() if key.endswith("_ms")}
+        triton_times = {key: t for key, t in timed.items() if key.startswith("triton")}
+        best_launch = TRITON_LAUNCHES[list(triton_times).index(min(triton_times, key=triton_times.get))] if triton_times else {}
+        row["fixed_95"]["triton_best_launch"] = best_launch
+        if timed:
+            row["fixed_95"]["flex_ms"] = timed.get("flex", float("nan"))
+            row["fixed_95"]["triton_ms"] = min(triton_times.values(), default=float("nan"))
+            row["fixed_95"]["best_speedup"] = dense_ms / min(timed.values())
             row["fixed_95"]["ideal_speedup"] = 1.0 / row["fixed_95"]["density"]
         expanded = k.repeat_interleave(HEADS // KV_HEADS, dim=1)
-        for name, settings in PATTERNS.items():
-            entry = {}
+        for label, name, settings in PATTERNS:
+            entry = {"settings": settings}
             try:
                 pattern = make_pattern(name, block_size=BLOCK, **settings)
                 entry["estimate_ms"] = cuda_median_ms(lambda: pattern.mask(q, expanded), reps=3)
                 pmask = pattern.mask(q, expanded)
                 entry["density"] = pmask.density()
-                entry["attend_ms"] = min(cuda_median_ms(lambda b=b: attend(q, k, v, pmask, backend=b)) for b in ("flex", "triton"))
+                entry["attend_ms"] = min(cuda_median_ms(lambda: attend(q, k, v, pmask, backend="flex")),
+                                         cuda_median_ms(lambda: attend(q, k, v, pmask, backend="triton", **best_launch)))
                 entry["estimate_over_dense"] = entry["estimate_ms"] / dense_ms
                 entry["speedup_with_estimate"] = dense_ms / (entry["estimate_ms"] + entry["attend_ms"])
             except Exception as exc:  # noqa: BLE001
                 entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
-            row["patterns"][name] = entry
+            row["patterns"][label] = entry
             torch.cuda.empty_cache()
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         rows.append(row)
         f95 = row["fixed_95"]
-        print(f"L={length}: dense {dense_ms:.1f} ms; 95% mask: flex {f95.get('flex_ms', float('nan')):.1f} ms, "
-              f"triton {f95.get('triton_ms', float('nan')):.1f} ms (ideal {dense_ms * f95['density']:.1f}); peak {row['peak_gib']:.1f} GiB", flush=True)
+        print(f"L={length}: dense {dense_ms:.1f} ms; 95% mask (density {f95['density']:.3f} of causal): flex "
+              f"{f95.get('flex_ms', float('nan')):.1f} ms, triton {f95.get('triton_ms', float('nan')):.1f} ms "
+              f"{f95.get('triton_best_launch')} (ideal {dense_ms * f95['density']:.1f}); peak {row['peak_gib']:.1f} GiB", flush=True)
         for name, e in row["patterns"].items():
             if "error" in e:
                 print(f"   {name:15} FAILED {e['error']}")
@@ -118,8 +133,10 @@ def main() -> None:
         torch.cuda.empty_cache()
         if length == 65536 and "best_speedup" in f95:
             goals.append(goal("64k, 95% sparse: best backend speedup / ideal", f95["best_speedup"] / f95["ideal_speedup"], 0.8, better="higher"))
-            worst = max((e["estimate_over_dense"] for e in row["patterns"].values() if "estimate_over_dense" in e), default=float("nan"))
-            goals.append(goal("64k: worst mask estimation / dense attention time", worst, 0.10))
+            goals.append(goal("64k, 95% sparse: best backend speedup over SDPA", f95["best_speedup"], 7.5, better="higher"))
+            for label, e in row["patterns"].items():
+                if "estimate_over_dense" in e:
+                    goals.append(goal(f"64k: {label} mask estimation / dense attention time", e["estimate_over_dense"], 0.10))
         if length == 131072:
             goals.append(goal("128k peak GPU memory, GiB", row["peak_gib"], 80.0))
     write_results(args.name, {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": DIM, "block": BLOCK, "rows": rows}, goals)

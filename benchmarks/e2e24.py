@@ -2,10 +2,8 @@
 
     PYTHONPATH=src python benchmarks/e2e24.py [--layers 32] [--prefill 4096] [--context 4096] [--name e2e24]
 
-The stack is written out here (gpt-fast style): RMSNorm, fused qkv, rotary
-embeddings, grouped-query SDPA (32 query heads, 8 KV heads, head dim 128),
-o, RMSNorm, fused gate+up, SiLU, down; bf16; hidden 4096, FFN 14336. Every
-linear weight is random 2:4. The same weights run twice:
+The stack is ``llama_stack.Stack`` (gpt-fast style, bf16, hidden 4096, FFN
+14336, 32/8 heads of 128). Every linear weight is random 2:4. The same weights run twice:
 
 * dense: ``nn.Linear`` (cuBLAS) on the 2:4 weights stored dense;
 * ours: the same model after ``sparsa.accelerate`` (``SparseLinear24``:
@@ -27,94 +25,12 @@ import sys
 import time
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from llama_stack import HIDDEN, Stack, rel_error, time_decode
 
 from sparsa.benchmarking import cuda_median_ms, goal, print_goals, write_results
 
-HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM = 4096, 14336, 32, 8, 128
-
-
-class Block(nn.Module):
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        from sparsa.kernels.sparse24 import random_24_linear
-
-        def linear(n, k, s):
-            return random_24_linear(n, k, torch.bfloat16, seed=seed * 8 + s)
-
-        self.qkv = linear((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN, 0)
-        self.o = linear(HIDDEN, HEADS * HEAD_DIM, 1)
-        self.gate_up = linear(2 * FFN, HIDDEN, 2)
-        self.down = linear(HIDDEN, FFN, 3)
-        self.norm1 = nn.RMSNorm(HIDDEN, device="cuda", dtype=torch.bfloat16)
-        self.norm2 = nn.RMSNorm(HIDDEN, device="cuda", dtype=torch.bfloat16)
-
-    def forward(self, x, cos, sin, cache_k, cache_v, start: int):
-        b, t, _ = x.shape
-        q, k, v = self.qkv(self.norm1(x)).split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], dim=-1)
-        q = rotate(q.view(b, t, HEADS, HEAD_DIM), cos, sin).transpose(1, 2)
-        k = rotate(k.view(b, t, KV_HEADS, HEAD_DIM), cos, sin).transpose(1, 2)
-        v = v.view(b, t, KV_HEADS, HEAD_DIM).transpose(1, 2)
-        cache_k[:, :, start : start + t] = k
-        cache_v[:, :, start : start + t] = v
-        keys, values = cache_k[:, :, : start + t], cache_v[:, :, : start + t]
-        # prefill from 0: causal; one decode token: it sees the whole cache
-        attn = F.scaled_dot_product_attention(q, keys, values, is_causal=t > 1, enable_gqa=True)
-        x = x + self.o(attn.transpose(1, 2).reshape(b, t, HEADS * HEAD_DIM))
-        gate, up = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
-
-
-def rotate(x, cos, sin):
-    x1, x2 = x.float().chunk(2, dim=-1)
-    c, s = cos[:, None, :], sin[:, None, :]
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
-
-
-def rope(positions: torch.Tensor):
-    inv = 1.0 / (500000.0 ** (torch.arange(0, HEAD_DIM, 2, device="cuda", dtype=torch.float32) / HEAD_DIM))
-    angles = positions.float()[:, None] * inv[None, :]
-    return angles.cos(), angles.sin()
-
-
-class Stack(nn.Module):
-    def __init__(self, layers: int, max_len: int) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(Block(i) for i in range(layers))
-        shape = (1, KV_HEADS, max_len, HEAD_DIM)
-        self.caches = [(torch.zeros(shape, device="cuda", dtype=torch.bfloat16),
-                        torch.zeros(shape, device="cuda", dtype=torch.bfloat16)) for _ in range(layers)]
-
-    def forward(self, x, start: int):
-        cos, sin = rope(torch.arange(start, start + x.shape[1], device="cuda"))
-        for block, (ck, cv) in zip(self.blocks, self.caches):
-            x = block(x, cos, sin, ck, cv, start)
-        return x
-
-
 def time_prefill(model, x, reps: int) -> float:
     return cuda_median_ms(lambda: model(x, 0), reps=reps, warmup=2)
-
-
-def time_decode(model, context: int, reps: int) -> tuple[float, torch.Tensor]:
-    """Median ms of one graph-captured decode step at position ``context`` (its output, for checking)."""
-    token = torch.randn(1, 1, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(7))
-    model(token, context)  # eager first: dispatch measured outside the capture
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            model(token, context)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = model(token, context)
-    return cuda_median_ms(graph.replay, reps=reps, warmup=3), out.clone()
-
-
-def rel_error(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def main() -> None:
@@ -131,7 +47,10 @@ def main() -> None:
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    model = Stack(args.layers, max(args.prefill, args.context) + 1).eval()
+    from sparsa.kernels.sparse24 import random_24_linear
+
+    model = Stack(args.layers, max(args.prefill, args.context) + 1,
+                  lambda n, k, seed: random_24_linear(n, k, torch.bfloat16, seed=seed)).eval()
     build_s = time.perf_counter() - t0
     x = torch.randn(1, args.prefill, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(3))
     result = {"layers": args.layers, "prefill_tokens": args.prefill, "decode_context": args.context, "build_s": round(build_s, 1)}

@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--rep-ms", type=float, default=30.0, help="timing per measurement, split over 3 alternating rounds")
     parser.add_argument("--name", default="linear24", help="results file name (benchmarks/results/NAME.json)")
     parser.add_argument("--skip-70b-16k", action="store_true", help="leave out the 70B shapes at 16384 tokens")
+    parser.add_argument("--models", default="8B,70B", help="which models' shapes, comma-separated (8B, 70B)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("linear24.py needs a CUDA GPU")
@@ -44,7 +45,10 @@ def main() -> None:
 
     warnings.filterwarnings("ignore", message=".*semi.?structured.*")
     warnings.filterwarnings("ignore", message=".*prototype.*")
-    shapes = [(m, *s) for m, group in SHAPES.items() for s in group]
+    wanted = {m.strip().upper() for m in args.models.split(",")}
+    if not wanted <= set(SHAPES):
+        sys.exit(f"--models: choose from {', '.join(SHAPES)}")
+    shapes = [(m, *s) for m, group in SHAPES.items() for s in group if m in wanted]
     tokens = TOKENS
     if args.quick:
         shapes = [("8B", "o", 4096, 4096), ("8B", "down", 4096, 14336)]
@@ -80,7 +84,7 @@ def finish(cases, skipped, args, started, final: bool) -> None:
         goal("cases wrong (relative error >= 1e-2) or failed", s["wrong"], 0, better="lower"),
     ]
     payload = {
-        "complete": final, "quick": args.quick, "elapsed_s": round(time.perf_counter() - started, 1),
+        "complete": final, "quick": args.quick, "models": args.models, "elapsed_s": round(time.perf_counter() - started, 1),
         "summary": s, "skipped": skipped, "cases": cases,
     }
     path = write_results(args.name, payload, goals)

@@ -80,12 +80,12 @@ def test_bad_input(tiny, tokenizer):
 
 GEMV_BODY = r"""
 import torch
-from sparsa.kernels.sparse_gemv import sparse_gemv, transpose_weight
+from sparsa.kernels.sparse_gemv import GemvConfig, sparse_gemv, transpose_weight
 
 torch.manual_seed(0)
 worst = 0.0
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
-    for m, n, k, split in ((1, 70, 96, 1), (3, 130, 200, 2), (8, 64, 64, 1)):
+    for m, n, k, chunk in ((1, 70, 96, 96), (3, 130, 200, 48), (8, 64, 64, 64)):
         w = torch.randn(n, k).to(dtype)
         x = torch.randn(m, k)
         x[torch.rand(m, k) < 0.6] = 0.0  # 60% of channels inactive
@@ -94,9 +94,19 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
             x[1] = torch.randn(k)          # an all-active token
         x = x.to(dtype)
         b = torch.randn(n).to(dtype)
+        config = GemvConfig(block_n=32, block_k=16, k_chunk=chunk)
+        # nonzero channels active
         ref = x.double() @ w.double().T + b.double()
-        out = sparse_gemv(x, transpose_weight(w), b, block_n=32, block_k=16, split_k=split)
+        out = sparse_gemv(x, transpose_weight(w), b, config=config)
         err = ((out.double() - ref).norm() / ref.norm()).item()
+        # fused per-channel thresholds: |x_k| >= t_k
+        thr = torch.rand(k) * 1.5
+        keep = x.double().abs() >= thr.double()
+        ref_t = (x.double() * keep) @ w.double().T
+        out_t = sparse_gemv(x, transpose_weight(w), threshold=thr, config=config)
+        err = max(err, ((out_t.double() - ref_t).norm() / ref_t.norm()).item())
+        if m > 1:
+            assert out_t[0].abs().max() == 0
         assert err < (1e-6 if dtype == torch.float32 else 1e-2), (dtype, m, n, k, err)
         worst = max(worst, err)
 print(f"gemv interpreter ok, worst {worst:.2e}")
@@ -107,3 +117,18 @@ def test_sparse_gemv_under_the_interpreter(tmp_path):
     from triton_interpreter import run_interpreted
 
     assert "gemv interpreter ok" in run_interpreted(GEMV_BODY, tmp_path)
+
+
+@pytest.mark.parametrize("method", ["teal", "wina", "cats"])
+def test_kernel_layers_equal_the_hooks(method, tiny, tokenizer):
+    """use_kernels swaps in SparseInputLinear; on CPU (masked dense path) the model computes what the hooks did."""
+    from sparsa.activations.kernel import SparseInputLinear, use_kernels
+
+    ids = tokenize(tokenizer, shipped_text("evaluation"))[:64][None]
+    handle = apply(tiny, method, 0.5, tokenizer=tokenizer, samples=2, seq_len=64)
+    with torch.no_grad():
+        hooked = tiny(ids).logits
+        swapped = use_kernels(tiny, handle)
+        assert swapped and all(isinstance(tiny.get_submodule(n), SparseInputLinear) for n in swapped)
+        assert torch.allclose(tiny(ids).logits, hooked, atol=1e-4, rtol=1e-4)
+    handle.remove()

@@ -223,3 +223,43 @@ def test_triton_block_sparse_kernel_under_the_interpreter(tmp_path):
     from triton_interpreter import run_interpreted
 
     assert "attention interpreter ok" in run_interpreted(TRITON_BODY, tmp_path)
+
+
+def test_antidiagonal_scores_equal_the_strided_definition():
+    """The one-GEMM estimate equals the explicit antidiagonal sums: q[iS+t] . k[jS+S-1-t], causal softmax, block sums."""
+    from sparsa.attention.antidiagonal import Antidiagonal
+    from sparsa.attention.masks import finalize, top_cumulative
+
+    torch.manual_seed(3)
+    bs, s, length = 32, 8, 200
+    q, k = torch.randn(1, 2, length, 16, dtype=torch.float64), torch.randn(1, 2, length, 16, dtype=torch.float64)
+    pad = -length % bs
+    qp, kp = torch.nn.functional.pad(q, (0, 0, 0, pad)), torch.nn.functional.pad(k, (0, 0, 0, pad))
+    n = qp.shape[-2] // s
+    scores = torch.zeros(1, 2, n, n, dtype=torch.float64)
+    for i in range(n):
+        for j in range(n):
+            scores[..., i, j] = sum((qp[..., i * s + t, :] * kp[..., j * s + s - 1 - t, :]).sum(-1) for t in range(s))
+    idx = torch.arange(n)
+    scores = (scores / (4.0 * s)).masked_fill((idx[None, :] > idx[:, None]) | (idx[None, :] * s >= length), float("-inf"))
+    per = bs // s
+    probs = scores.softmax(-1).reshape(1, 2, n // per, per, n // per, per).sum(dim=(3, 5))
+    expected = finalize(top_cumulative(probs / probs.sum(-1, keepdim=True), 0.8), length, length, bs).blocks
+    got = Antidiagonal(block_size=bs, stride=s, threshold=0.8).mask(q, k).blocks
+    assert torch.equal(got, expected)
+
+
+def test_diagonal_scores_sum_each_offset():
+    from sparsa.attention.vertical_slash import column_and_diagonal_scores
+
+    torch.manual_seed(4)
+    n, lk = 5, 12
+    probs = torch.rand(1, 2, n, lk, dtype=torch.float64)
+    columns, diagonals = column_and_diagonal_scores(probs, lk)
+    expected = torch.zeros(1, 2, lk, dtype=torch.float64)
+    for r in range(n):
+        for j in range(lk):
+            offset = lk - n + r - j
+            if offset >= 0:
+                expected[..., offset] += probs[..., r, j]
+    assert torch.allclose(diagonals, expected) and torch.allclose(columns, probs.sum(-2))

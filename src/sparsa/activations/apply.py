@@ -36,6 +36,11 @@ class ActivationSparsity:
             s.zeros = s.total = 0
         self.track = True
 
+    def install(self) -> None:
+        """(Re)install one hook per site."""
+        self.remove()
+        self.handles = [_hook(s, self) for s in self.sites]
+
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
@@ -65,7 +70,7 @@ def _calibrate(model: nn.Module, sites: list[Site], batches: torch.Tensor, confi
     _quantiles(model, sites, batches, config)
     if config.sparsity > 0:
         owner = ActivationSparsity(config, sites)
-        owner.handles = [_hook(s, owner) for s in sites]
+        owner.install()
         try:
             _quantiles(model, sites, batches, config)
         finally:
@@ -130,5 +135,5 @@ def apply(lm, method: str = "teal", sparsity: float = 0.5, *, tokenizer=None, te
     batches = calibration_samples(tokenizer, body, config.samples, config.seq_len, config.seed)
     _calibrate(model, sites, batches, config)
     handle = ActivationSparsity(config, sites)
-    handle.handles = [_hook(s, handle) for s in sites]
+    handle.install()
     return handle

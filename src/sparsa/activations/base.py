@@ -51,10 +51,20 @@ class Site:
     name: str
     module: nn.Module
     kind: str  # "input": the module's (first) input; "output": its output
-    score: Callable[[torch.Tensor], torch.Tensor]  # same shape as the activation, >= 0
+    scale: torch.Tensor | None = None  # per-channel weight of the score |x_j| * scale_j (None: |x_j|)
     threshold: float | None = None
     zeros: int = 0  # counted while tracking
     total: int = 0
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        return x.abs() if self.scale is None else x.abs() * self.scale.to(x.device, x.dtype)
+
+    def channel_thresholds(self, channels: int) -> torch.Tensor:
+        """float32 ``[channels]`` thresholds on ``|x_j|`` itself: what a fused kernel compares."""
+        require(self.threshold is not None, f"{self.name} is not calibrated yet")
+        if self.scale is None:
+            return torch.full((channels,), self.threshold, dtype=torch.float32)
+        return self.threshold / self.scale.detach().float().cpu().clamp_min(1e-30)
 
     def cut(self, x: torch.Tensor, track: bool) -> torch.Tensor:
         if self.threshold is None:
@@ -70,14 +80,14 @@ def in_decoder_layer(name: str) -> bool:
     return re.search(r"(^|\.)layers\.\d+\.", name) is not None
 
 
-def linear_sites(model: nn.Module, targets: tuple[str, ...], score_for: Callable[[nn.Module], Callable]) -> list[Site]:
+def linear_sites(model: nn.Module, targets: tuple[str, ...], scale_for: Callable[[nn.Module], torch.Tensor | None]) -> list[Site]:
     """An input site for every linear layer (nn.Linear or sparsa's 2:4 layer) named ``*.<target>`` in a decoder layer."""
     from ..kernels.sparse24 import SparseLinear24
 
     sites = []
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, SparseLinear24)) and name.rsplit(".", 1)[-1] in targets and in_decoder_layer(name):
-            sites.append(Site(name, module, "input", score_for(module)))
+            sites.append(Site(name, module, "input", scale_for(module)))
     if not sites:
         raise InputError(f"no linear layer named {', '.join(targets)} inside the decoder layers; "
                          f"targets must be layer names such as {', '.join(TARGETS)}")

@@ -19,7 +19,7 @@ def cats_sites(model, config):
     for name, module in model.named_modules():
         act = getattr(module, "act_fn", None)
         if in_decoder_layer(name) and name.endswith("mlp") and act is not None and hasattr(module, "gate_proj"):
-            sites.append(Site(f"{name}.act_fn", act, "output", lambda a: a.abs()))
+            sites.append(Site(f"{name}.act_fn", act, "output"))
     if not sites:
         raise InputError(f"{type(model).__name__} has no gated MLP (mlp.gate_proj with mlp.act_fn); cats needs a SwiGLU-style MLP")
     return sites

@@ -7,4 +7,4 @@ from .base import ACTIVATION_METHODS, linear_sites
 
 @ACTIVATION_METHODS.register("teal")
 def teal_sites(model, config):
-    return linear_sites(model, config.targets, lambda module: lambda x: x.abs())
+    return linear_sites(model, config.targets, lambda module: None)

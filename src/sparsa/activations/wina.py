@@ -19,8 +19,4 @@ def _column_norms(module) -> torch.Tensor:
 
 @ACTIVATION_METHODS.register("wina")
 def wina_sites(model, config):
-    def score_for(module):
-        norms = _column_norms(module)
-        return lambda x: x.abs() * norms.to(x.device, x.dtype)
-
-    return linear_sites(model, config.targets, score_for)
+    return linear_sites(model, config.targets, _column_norms)

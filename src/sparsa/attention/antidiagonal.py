@@ -2,8 +2,9 @@
 
 The attention mass of a block is estimated cheaply from its antidiagonals:
 with stride ``S``, query ``i`` is paired with key ``j`` only where
-``(i + j) mod S == S - 1``, which is ``S`` matrix products of length-``L/S``
-strided slices (``L^2 / S`` work instead of ``L^2``). Every antidiagonal
+``(i + j) mod S == S - 1``: one matrix product of the queries and the
+reversed keys taken ``S`` rows at a time (``L^2 / S`` work instead of
+``L^2``, in the inputs' precision, only up to the causal diagonal). Every antidiagonal
 crosses every vertical and every slash line of a block, so neither kind of
 important structure is missed. The strided scores go through a causal
 softmax, are summed per block, and each query block keeps the fewest key
@@ -24,7 +25,7 @@ from .masks import BlockMask, block_aligned, finalize, top_cumulative
 
 __all__ = ["Antidiagonal"]
 
-CHUNK_ROWS = 2048  # query rows scored at a time
+MAX_CHUNK_ELEMENTS = 2**28  # strided scores held at once (1 GiB in float32)
 
 
 @PATTERNS.register("antidiagonal")
@@ -44,20 +45,28 @@ class Antidiagonal(PatternBase):
         bs, s = self.block_size, self.stride
         qp, kp, _ = block_aligned(q, k, bs)
         q_start = (lk - lq) // bs * bs  # absolute position of qp's first row
-        per = bs // s
+        per = bs // s  # strided rows (and columns) per block
         kb = kp.shape[-2] // bs
-        cols = torch.arange(kp.shape[-2] // s, device=q.device)
-        invalid_cols = cols * s >= lk
-        k_strided = [kp[..., s - 1 - t :: s, :].float().transpose(-1, -2) for t in range(s)]
+        d = q.shape[-1]
+        # All S antidiagonal products at once: row i of ``qs`` is queries iS..iS+S-1 side by side, row j of
+        # ``ks`` keys jS+S-1..jS (reversed), so qs @ ks^T sums q[iS+t] . k[jS+S-1-t] over t in one GEMM.
+        qs = qp.reshape(*qp.shape[:2], -1, s * d)
+        ks = kp.reshape(*kp.shape[:2], -1, s, d).flip(-2).reshape(*kp.shape[:2], -1, s * d)
+        cols_total = ks.shape[-2]
+        heads = qs.shape[0] * qs.shape[1]
+        rows_per_chunk = max(per, (MAX_CHUNK_ELEMENTS // max(1, heads * cols_total)) // per * per)
         chunks = []
-        rows_per_chunk = max(1, CHUNK_ROWS // bs) * bs  # softmax rows are independent: bounded memory
-        for r0 in range(0, qp.shape[-2], rows_per_chunk):
-            qc = qp[..., r0 : r0 + rows_per_chunk, :]
-            scores = sum(qc[..., t::s, :].float() @ k_strided[t] for t in range(s)) / (math.sqrt(q.shape[-1]) * s)
-            rows = (q_start + r0) // s + torch.arange(scores.shape[-2], device=q.device)  # strided absolute rows
-            scores = scores.masked_fill((cols[None, :] > rows[:, None]) | invalid_cols[None, :], float("-inf"))
+        for r0 in range(0, qs.shape[-2], rows_per_chunk):
+            r1 = min(r0 + rows_per_chunk, qs.shape[-2])
+            rows = q_start // s + torch.arange(r0, r1, device=q.device)  # strided absolute rows
+            # causal: this chunk needs the key columns up to its last row, widened to whole blocks
+            ncols = min(cols_total, -(-(int(rows[-1]) + 1) // per) * per)
+            scores = (qs[..., r0:r1, :] @ ks[..., :ncols, :].transpose(-1, -2)).float() / (math.sqrt(d) * s)
+            cols = torch.arange(ncols, device=q.device)
+            scores = scores.masked_fill((cols[None, :] > rows[:, None]) | (cols[None, :] * s >= lk), float("-inf"))
             probs = scores.softmax(dim=-1).nan_to_num(0.0)
-            chunks.append(probs.reshape(*probs.shape[:2], probs.shape[-2] // per, per, kb, per).sum(dim=(3, 5)))
+            sums = probs.reshape(*probs.shape[:2], (r1 - r0) // per, per, ncols // per, per).sum(dim=(3, 5))
+            chunks.append(torch.nn.functional.pad(sums, (0, kb - ncols // per)))
         block_probs = torch.cat(chunks, dim=-2)
         block_probs = block_probs / block_probs.sum(dim=-1, keepdim=True).clamp_min(1e-30)
         return finalize(top_cumulative(block_probs, self.threshold), lq, lk, bs)

@@ -130,7 +130,11 @@ def flex(q, k, v, mask: BlockMask, scale: float | None = None) -> torch.Tensor:
     lq = q.shape[-2]
     qp, _, front = block_aligned(q, k, mask.block_size)
     fn = _flex_fn(q.device)
-    out = fn(qp, k, v, block_mask=to_flex(mask, qp.shape[-2]), scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    # the compiled kernel's tiles must divide our blocks: its defaults (128) are kept for blocks of 128 and more
+    small = q.is_cuda and mask.block_size < 128
+    options = {"BLOCK_M": mask.block_size, "BLOCK_N": mask.block_size} if small else None
+    out = fn(qp, k, v, block_mask=to_flex(mask, qp.shape[-2]), scale=scale, enable_gqa=k.shape[1] != q.shape[1],
+             kernel_options=options)
     return out[:, :, front : front + lq]
 
 
@@ -143,7 +147,8 @@ def masked(q, k, v, mask: BlockMask, scale: float | None = None) -> torch.Tensor
 
 
 @BACKENDS.register("triton")
-def triton_kernel(q, k, v, mask: BlockMask, scale: float | None = None) -> torch.Tensor:
+def triton_kernel(q, k, v, mask: BlockMask, scale: float | None = None, **launch) -> torch.Tensor:
+    """Our Triton kernel; ``launch`` options (``num_warps``, ``num_stages``) go to the kernel launch."""
     from ..kernels.block_sparse_attn import block_sparse_attention
 
     _check(q, k, v, mask)
@@ -151,10 +156,10 @@ def triton_kernel(q, k, v, mask: BlockMask, scale: float | None = None) -> torch
     qp, _, front = block_aligned(q, k, mask.block_size)
     counts, indices = kept_lists(mask.blocks)
     first = (mask.k_len - mask.q_len) // mask.block_size * mask.block_size
-    out = block_sparse_attention(qp, k, v, counts, indices, mask.block_size, first, scale)
+    out = block_sparse_attention(qp, k, v, counts, indices, mask.block_size, first, scale, **launch)
     return out[:, :, front : front + lq]
 
 
-def attend(q, k, v, mask: BlockMask, scale: float | None = None, backend: str = "reference") -> torch.Tensor:
-    """Block-sparse causal attention on the named backend."""
-    return BACKENDS.get(backend)(q, k, v, mask, scale)
+def attend(q, k, v, mask: BlockMask, scale: float | None = None, backend: str = "reference", **launch) -> torch.Tensor:
+    """Block-sparse causal attention on the named backend (``launch`` options for the triton backend only)."""
+    return BACKENDS.get(backend)(q, k, v, mask, scale, **launch)

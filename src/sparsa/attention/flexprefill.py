@@ -58,7 +58,7 @@ class FlexPrefill(PatternBase):
         true_blocks = true_blocks / true_blocks.sum(-1, keepdim=True)
 
         qp, kp, _ = block_aligned(q, k, bs)
-        pooled = (pool_blocks(qp.float(), bs) @ pool_blocks(kp.float(), bs).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        pooled = (pool_blocks(qp, bs) @ pool_blocks(kp, bs).transpose(-1, -2)) / math.sqrt(q.shape[-1])
         qb = pooled.shape[-2]
         own = (lk - lq) // bs + torch.arange(qb, device=q.device)
         pooled = pooled.masked_fill(torch.arange(kb, device=q.device)[None, :] > own[:, None], float("-inf"))

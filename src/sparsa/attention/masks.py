@@ -107,7 +107,7 @@ def top_cumulative(probs: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def pool_blocks(x: torch.Tensor, block: int, dim: int = -2) -> torch.Tensor:
-    """Mean over consecutive blocks of ``block`` positions along ``dim`` (the last block may be short)."""
+    """Mean (float32) over consecutive blocks of ``block`` positions along ``dim`` (the last block may be short)."""
     length = x.shape[dim]
     pad = (-length) % block
     if pad:
@@ -119,7 +119,7 @@ def pool_blocks(x: torch.Tensor, block: int, dim: int = -2) -> torch.Tensor:
         counts[length:] = 0.0
     new_shape = list(x.shape)
     new_shape[dim : dim + 1] = [(length + pad) // block, block]
-    sums = x.reshape(new_shape).sum(dim=dim + 1 if dim >= 0 else dim)
+    sums = x.reshape(new_shape).sum(dim=dim + 1 if dim >= 0 else dim, dtype=torch.float32)
     n = counts.reshape(-1, block).sum(-1).clamp_min(1.0)
     view = [1] * sums.dim()
     view[dim if dim >= 0 else sums.dim() + dim] = n.numel()
@@ -137,6 +137,7 @@ def block_aligned(q: torch.Tensor, k: torch.Tensor, block: int) -> tuple[torch.T
     front = offset % block
     q_rows = num_query_blocks(lq, lk, block) * block
     k_rows = -(-lk // block) * block
-    qp = torch.nn.functional.pad(q, (0, 0, front, q_rows - lq - front))
-    kp = torch.nn.functional.pad(k, (0, 0, 0, k_rows - lk))
+    back = q_rows - lq - front
+    qp = torch.nn.functional.pad(q, (0, 0, front, back)) if front or back else q
+    kp = torch.nn.functional.pad(k, (0, 0, 0, k_rows - lk)) if k_rows > lk else k
     return qp, kp, front

@@ -27,10 +27,13 @@ def column_and_diagonal_scores(probs: torch.Tensor, k_len: int) -> tuple[torch.T
     """Per-column and per-diagonal probability mass ``[B, H, Lk]`` each, from the last queries' ``probs [B, H, n, Lk]``."""
     n = probs.shape[-2]
     columns = probs.sum(dim=-2)
-    rows = torch.arange(k_len - n, k_len, device=probs.device)
-    offsets = (rows[:, None] - torch.arange(k_len, device=probs.device)[None, :]).clamp_min(0)  # [n, Lk]; above-diagonal probs are 0
+    # Query row r sits at position k_len - n + r; with the keys reversed (column c is key k_len - 1 - c)
+    # its diagonal offset is c - (n - 1 - r), so each row adds one contiguous slice (no scatter).
+    reversed_keys = probs.flip(-1)
     diagonals = torch.zeros_like(columns)
-    diagonals.scatter_add_(-1, offsets.reshape(1, 1, -1).expand(*probs.shape[:2], -1), probs.reshape(*probs.shape[:2], -1))
+    for r in range(n):
+        shift = n - 1 - r
+        diagonals[..., : k_len - shift] += reversed_keys[..., r, shift:]
     return columns, diagonals
 
 

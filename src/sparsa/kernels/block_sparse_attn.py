@@ -23,19 +23,45 @@ from ._triton import HAVE_TRITON, tl, triton
 
 __all__ = ["HAVE_TRITON", "block_sparse_attention"]
 
+LOG2E = 1.4426950408889634  # scores in log2 units: exp2 instead of exp
+
 
 if HAVE_TRITON:
 
     @triton.jit
+    def _attend_block(q, k_base, v_base, kb, q_pos, m_i, l_i, acc, LK, skm, svm, dims, d_ok, qk_scale,
+                      BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
+        """One key block of the online softmax, in log2 units (exp2 is the cheaper instruction)."""
+        cols = kb * BLOCK + tl.arange(0, BLOCK)
+        if CAUSAL:
+            c_ok = cols < LK
+            kt = tl.load(k_base + cols[None, :] * skm + dims[:, None], mask=c_ok[None, :] & d_ok[:, None], other=0.0)
+            v = tl.load(v_base + cols[:, None] * svm + dims[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        else:
+            kt = tl.load(k_base + cols[None, :] * skm + dims[:, None], mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_base + cols[:, None] * svm + dims[None, :], mask=d_ok[None, :], other=0.0)
+        s = tl.dot(q, kt) * qk_scale  # [BLOCK, BLOCK] float32, log2 units
+        if CAUSAL:
+            s = tl.where(c_ok[None, :] & (cols[None, :] <= q_pos[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _block_sparse_attn_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, counts_ptr, indices_ptr,
-        H, KV_GROUP, LQ, LK, FIRST, KB, scale,
+        H, KV_GROUP, QB, LQ, LK, FIRST, qk_scale,
         sqb, sqh, sqm, skb, skh, skm, svb, svh, svm, sob, soh, som,
         scb, sch, sib, sih, siq,
         D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        qb = tl.program_id(0)
-        bh = tl.program_id(1)
+        # heads vary fastest and the last (longest) query blocks start first: the causal tail balances
+        bh = tl.program_id(0)
+        qb = QB - 1 - tl.program_id(1)
         b = bh // H
         h = bh % H
         kvh = h // KV_GROUP
@@ -52,29 +78,23 @@ if HAVE_TRITON:
         index_row = indices_ptr + b * sib + h * sih + qb * siq
         k_base = k_ptr + b * skb + kvh * skh
         v_base = v_ptr + b * svb + kvh * svh
-        for n in range(0, count):
+        # kept blocks are listed ascending and end with the diagonal block: only that one needs the causal test
+        for n in range(0, count - 1):
             kb = tl.load(index_row + n)
-            cols = kb * BLOCK + tl.arange(0, BLOCK)
-            c_ok = cols < LK
-            kt = tl.load(k_base + cols[None, :] * skm + dims[:, None], mask=c_ok[None, :] & d_ok[:, None], other=0.0)
-            s = tl.dot(q, kt) * scale  # [BLOCK, BLOCK] in float32
-            allowed = c_ok[None, :] & (cols[None, :] <= q_pos[:, None])
-            s = tl.where(allowed, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + cols[:, None] * svm + dims[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            m_i, l_i, acc = _attend_block(q, k_base, v_base, kb, q_pos, m_i, l_i, acc, LK, skm, svm, dims, d_ok,
+                                          qk_scale, BLOCK, False)
+        if count > 0:
+            kb = tl.load(index_row + count - 1)
+            m_i, l_i, acc = _attend_block(q, k_base, v_base, kb, q_pos, m_i, l_i, acc, LK, skm, svm, dims, d_ok,
+                                          qk_scale, BLOCK, True)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(o_ptr + b * sob + h * soh + rows[:, None] * som + dims[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=(rows < LQ)[:, None] & d_ok[None, :])
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor,
-                           indices: torch.Tensor, block: int, first: int, scale: float | None = None) -> torch.Tensor:
+                           indices: torch.Tensor, block: int, first: int, scale: float | None = None, *,
+                           num_warps: int | None = None, num_stages: int = 2) -> torch.Tensor:
     """Causal attention of block-aligned ``q [B, H, Lq', D]`` over ``k, v [B, Hkv, Lk, D]``, kept blocks only.
 
     ``counts [B, H, QB]`` and ``indices [B, H, QB, KB]`` (int32) list each
@@ -91,14 +111,14 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
     counts = counts.to(torch.int32).contiguous()
     indices = indices.to(torch.int32).contiguous()
     out = torch.empty_like(q)
-    grid = (lq // block, b * h)
+    grid = (b * h, lq // block)
     _block_sparse_attn_kernel[grid](
         q, k, v, out, counts, indices,
-        h, h // hkv, lq, lk, first, indices.shape[-1], 1.0 / math.sqrt(d) if scale is None else scale,
+        h, h // hkv, lq // block, lq, lk, first, (1.0 / math.sqrt(d) if scale is None else scale) * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         counts.stride(0), counts.stride(1), indices.stride(0), indices.stride(1), indices.stride(2),
         D=d, BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        num_warps=4 if block <= 64 else 8, num_stages=2,
+        num_warps=num_warps or (4 if block <= 64 else 8), num_stages=num_stages,
     )
     return out

@@ -1,0 +1,96 @@
+"""A Llama-3-8B-shaped decoder stack for end-to-end GPU benchmarks, written out (gpt-fast style).
+
+RMSNorm, fused qkv, rotary embeddings, grouped-query SDPA (32 query heads,
+8 KV heads, head dim 128), o, RMSNorm, fused gate+up, SiLU, down; bf16;
+hidden 4096, FFN 14336; a static KV cache. The linear layers come from a
+factory ``linear(out_features, in_features, seed)``, so each benchmark
+chooses its weights (random 2:4, random dense). :func:`time_decode` times one
+decode step captured in a CUDA graph, as a serving engine runs it.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparsa.benchmarking import cuda_median_ms
+
+LinearFactory = Callable[[int, int, int], nn.Module]
+
+HIDDEN, FFN, HEADS, KV_HEADS, HEAD_DIM = 4096, 14336, 32, 8, 128
+
+
+class Block(nn.Module):
+    def __init__(self, seed: int, linear: LinearFactory) -> None:
+        super().__init__()
+        self.qkv = linear((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN, seed * 8)
+        self.o = linear(HIDDEN, HEADS * HEAD_DIM, seed * 8 + 1)
+        self.gate_up = linear(2 * FFN, HIDDEN, seed * 8 + 2)
+        self.down = linear(HIDDEN, FFN, seed * 8 + 3)
+        self.norm1 = nn.RMSNorm(HIDDEN, device="cuda", dtype=torch.bfloat16)
+        self.norm2 = nn.RMSNorm(HIDDEN, device="cuda", dtype=torch.bfloat16)
+
+    def forward(self, x, cos, sin, cache_k, cache_v, start: int):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(self.norm1(x)).split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], dim=-1)
+        q = rotate(q.view(b, t, HEADS, HEAD_DIM), cos, sin).transpose(1, 2)
+        k = rotate(k.view(b, t, KV_HEADS, HEAD_DIM), cos, sin).transpose(1, 2)
+        v = v.view(b, t, KV_HEADS, HEAD_DIM).transpose(1, 2)
+        cache_k[:, :, start : start + t] = k
+        cache_v[:, :, start : start + t] = v
+        keys, values = cache_k[:, :, : start + t], cache_v[:, :, : start + t]
+        # prefill from 0: causal; one decode token: it sees the whole cache
+        attn = F.scaled_dot_product_attention(q, keys, values, is_causal=t > 1, enable_gqa=True)
+        x = x + self.o(attn.transpose(1, 2).reshape(b, t, HEADS * HEAD_DIM))
+        gate, up = self.gate_up(self.norm2(x)).chunk(2, dim=-1)
+        return x + self.down(F.silu(gate) * up)
+
+
+def rotate(x, cos, sin):
+    x1, x2 = x.float().chunk(2, dim=-1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)
+
+
+def rope(positions: torch.Tensor):
+    inv = 1.0 / (500000.0 ** (torch.arange(0, HEAD_DIM, 2, device="cuda", dtype=torch.float32) / HEAD_DIM))
+    angles = positions.float()[:, None] * inv[None, :]
+    return angles.cos(), angles.sin()
+
+
+class Stack(nn.Module):
+    def __init__(self, layers: int, max_len: int, linear: LinearFactory) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(i, linear) for i in range(layers))
+        shape = (1, KV_HEADS, max_len, HEAD_DIM)
+        self.caches = [(torch.zeros(shape, device="cuda", dtype=torch.bfloat16),
+                        torch.zeros(shape, device="cuda", dtype=torch.bfloat16)) for _ in range(layers)]
+
+    def forward(self, x, start: int):
+        cos, sin = rope(torch.arange(start, start + x.shape[1], device="cuda"))
+        for block, (ck, cv) in zip(self.blocks, self.caches):
+            x = block(x, cos, sin, ck, cv, start)
+        return x
+
+
+def time_decode(model, context: int, reps: int) -> tuple[float, torch.Tensor]:
+    """Median ms of one graph-captured decode step at position ``context`` (its output, for checking)."""
+    token = torch.randn(1, 1, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(7))
+    model(token, context)  # eager first: dispatch measured outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            model(token, context)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = model(token, context)
+    return cuda_median_ms(graph.replay, reps=reps, warmup=3), out.clone()
+
+
+def rel_error(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()

@@ -1,0 +1,81 @@
+"""Activation sparsity that pays: calibrated cuts run inside the sparse GEMV instead of as hooks.
+
+:class:`SparseInputLinear` replaces a linear layer whose input is cut. It
+keeps the weight once, transposed (``W^T``, the layout the sparse GEMV
+reads), and per-channel thresholds on ``|x_j|``. Decode steps (at most
+``MAX_TOKENS`` tokens) on a CUDA GPU with Triton run
+:func:`sparsa.kernels.sparse_gemv.sparse_gemv`, which selects the active
+channels and reads only their weight rows; everything else (prefill, CPU)
+cuts and multiplies densely, with the same result.
+
+:func:`use_kernels` swaps them into a model for the sites of an installed
+:class:`~sparsa.activations.apply.ActivationSparsity` handle: the cut
+linear inputs (teal, wina), and for CATS the ``down_proj`` of each cut MLP,
+whose input is zero wherever the gate was cut.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..kernels.sparse_gemv import MAX_TOKENS, GemvConfig, sparse_gemv
+
+__all__ = ["SparseInputLinear", "use_kernels"]
+
+
+class SparseInputLinear(nn.Module):
+    """``F.linear(x * keep, W, b)`` with ``keep = |x| >= threshold`` per channel (``threshold=None``: ``x != 0``)."""
+
+    def __init__(self, linear: nn.Linear, threshold: torch.Tensor | None, config: GemvConfig | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight_t = nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        self.register_buffer("threshold", None if threshold is None else threshold.float().to(linear.weight.device))
+        self.config = config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if flat.is_cuda and flat.shape[0] <= MAX_TOKENS:
+            out = sparse_gemv(flat, self.weight_t, self.bias, threshold=self.threshold, config=self.config)
+            return out.reshape(*x.shape[:-1], self.out_features)
+        if self.threshold is not None:
+            x = x * (x.abs().float() >= self.threshold)  # compared in float32, as the kernel does
+        return F.linear(x, self.weight_t.t(), self.bias)
+
+    def extra_repr(self) -> str:
+        cut = "x != 0" if self.threshold is None else "|x| >= per-channel threshold"
+        return f"in_features={self.in_features}, out_features={self.out_features}, keep {cut}"
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def use_kernels(model: nn.Module, handle) -> list[str]:
+    """Swap :class:`SparseInputLinear` in for every site of ``handle`` in ``model``; returns the swapped layer names.
+
+    The hooks of swapped input sites are removed (the layer cuts its own
+    input); CATS's gate cuts stay hooks, since its ``down_proj`` only needs
+    to skip the zeros they make.
+    """
+    names = {module: name for name, module in model.named_modules()}
+    swapped, kept_sites = [], []
+    for site in handle.sites:
+        if site.kind == "input" and isinstance(site.module, nn.Linear):
+            name = names[site.module]
+            _replace(model, name, SparseInputLinear(site.module, site.channel_thresholds(site.module.in_features)))
+            swapped.append(name)
+        else:
+            kept_sites.append(site)
+            mlp_name = site.name.rsplit(".", 1)[0]
+            down = getattr(model.get_submodule(mlp_name), "down_proj", None)
+            if site.kind == "output" and isinstance(down, nn.Linear):
+                _replace(model, f"{mlp_name}.down_proj", SparseInputLinear(down, None))
+                swapped.append(f"{mlp_name}.down_proj")
+    handle.sites = kept_sites
+    handle.install()
+    return swapped
