@@ -1,4 +1,4 @@
-"""The verbs users import: load, prune, evaluate, inspect, save.
+"""The verbs users import: load, prune, evaluate, inspect, train, save.
 
 Each is a thin composition of the modules below it; the CLI calls exactly
 these functions.
@@ -14,8 +14,9 @@ from .eval.perplexity import Perplexity, perplexity
 from .inspection import SparsityReport, sparsity_report
 from .models import LoadedModel, load_model, save_model
 from .prune.config import PruneConfig
+from .train import train_model
 
-__all__ = ["evaluate", "inspect", "load_model", "prune", "save"]
+__all__ = ["evaluate", "inspect", "load_model", "prune", "save", "train", "frontier"]
 
 
 def evaluate(
@@ -60,7 +61,30 @@ def prune(lm: LoadedModel, config: PruneConfig | None = None, *, device: str | N
     return prune_model(lm, config, device=device, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress)
 
 
+def frontier(model: str | os.PathLike | None = None, config: str | os.PathLike | None = None, out: str | os.PathLike = "frontier", **options):
+    """Sweep sparsity configurations on ``model``; results in ``out/results.jsonl``, report in ``out/`` (see sparsa.frontier).
+
+    ``config``: a sweep TOML (default: the shipped default sweep). Options:
+    ``fresh``, ``ray`` (address or "local"), ``device``, ``dtype``,
+    ``max_tokens``, ``progress``, ``print_table``.
+    """
+    from .frontier import frontier as run
+
+    return run(model, config, out, **options)
+
+
 def save(lm: LoadedModel, out: str | os.PathLike, *, force: bool = False) -> Path:
     """Save as a Hugging Face directory plus sparsa.json (atomic; never overwrites without force)."""
     record = {"source": lm.source, **lm.record}
     return save_model(lm.model, lm.tokenizer, out, record, force=force)
+
+
+def train(lm: LoadedModel, config=None, *, teacher=None, masks=None, checkpoint_dir: str | os.PathLike | None = None, resume: bool = False, progress: bool = True, **overrides) -> dict:
+    """Train ``lm`` in place while its sparsity holds; returns the run's record.
+
+    ``config`` is a ``sparsa.train.TrainConfig`` (or give its fields as keyword
+    arguments: ``sparsa.train(lm, method="distill", teacher=dense, steps=200)``).
+    The mask is read off the zero weights unless ``masks`` is given; ``teacher``
+    is the dense model that ``distill`` learns from.
+    """
+    return train_model(lm, config, teacher=teacher, masks=masks, checkpoint_dir=checkpoint_dir, resume=resume, progress=progress, **overrides)

@@ -65,6 +65,23 @@ time over each (> 1 is faster). Needs a CUDA GPU and triton. The first run of
 a shape measures the dispatch and caches it (~/.cache/sparsa).
 """
 
+EPILOG_TRAIN = """\
+examples:
+  sparsa train --prune wanda --pattern 2:4 --steps 200 --out smol-24-distilled   # prune, then distil from the dense model
+  sparsa train smol-24 --method masked --steps 100 --lr 5e-5 --out smol-24-ft     # fine-tune a pruned model, mask kept
+  sparsa train --method sr_ste --pattern 2:4 --steps 500 --out smol-srste         # N:M training from the dense model
+  sparsa train --method rigl --sparsity 0.7 --set update_every=20 --out smol-rigl
+  sparsa train smol-24 --method soup --teacher ./dense --set soup_size=3 soup_base=distill
+  sparsa train smol-24 --method masked --checkpoint-dir ckpt --steps 1000   # interrupted? add --resume
+  torchrun --nproc_per_node 2 -m sparsa.cli train smol-24 --device cuda --method distill --teacher ./dense
+
+methods: masked (cross-entropy, mask kept), distill (masked + per-layer hidden
+L2 + logit KL from the dense teacher), sr_ste (N:M with SR-STE), rigl and set
+(mask moves, sparsity kept), imp (iterative magnitude pruning with weight
+rewinding), soup (copies sharing the mask, averaged). The mask is read off the
+model's zero weights; --prune makes them first and keeps the dense model as
+the teacher. --set KEY=VALUE sets any other TrainConfig field (sparsa.train).
+"""
 
 class _Parser(argparse.ArgumentParser):
     """argparse, but a bad flag is one line naming the fix, not a usage dump."""
@@ -211,7 +228,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", default="1,16,64,128,1024,4096,16384", help="comma-separated token counts M (default: 1,16,64,128,1024,4096,16384)")
     p.add_argument("--rep-ms", type=_positive, default=30, help="timing per measurement in ms (default: 30)")
     p.add_argument("--json", dest="json_out", default=None, help="also write every case to this JSON file")
+    _add_train_parser(sub)
+    _add_frontier_parser(sub)
     return parser
+
+
+def _add_train_parser(sub) -> None:
+    from .train import TRAIN_METHODS
+
+    p = sub.add_parser("train", help="train a sparse model: recover after pruning, N:M, dynamic sparsity, soups", description="Train a causal LM while its sparsity holds: masked fine-tuning, distillation from the dense model, SR-STE, RigL/SET, IMP, soups.", epilog=EPILOG_TRAIN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_arg(p)
+    p.add_argument("--method", default="distill", choices=TRAIN_METHODS.names(), help="training method (default: distill)")
+    p.add_argument("--data", default="calibration", help="training text: calibration (shipped), a .txt/.jsonl file or hf:NAME:SPLIT (default: calibration)")
+    p.add_argument("--steps", type=_positive, default=100, help="optimizer steps (default: 100)")
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate of AdamW, cosine-decayed (default: 1e-4)")
+    p.add_argument("--seq-len", type=_positive, default=256, help="tokens per training sequence (default: 256)")
+    p.add_argument("--batch-size", type=_positive, default=4, help="sequences per step, over all processes (default: 4)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data order and of random choices (default: 0)")
+    p.add_argument("--prune", default=None, metavar="METHOD", help="prune first with this method (wanda, sparsegpt, ...); the dense model becomes the teacher")
+    p.add_argument("--pattern", default="2:4", help="N:M or unstructured: for --prune and sr_ste (default: 2:4)")
+    p.add_argument("--sparsity", type=_unit_interval, default=0.5, help="for --prune with --pattern unstructured, rigl, set and imp (default: 0.5)")
+    p.add_argument("--teacher", default=None, help="the dense model to distil from, when not pruning in the same run")
+    p.add_argument("--set", dest="settings", nargs="*", default=[], metavar="KEY=VALUE", help="other TrainConfig fields, e.g. update_every=20 rounds=4 soup_size=3")
+    p.add_argument("--checkpoint-dir", default=None, help="write checkpoints here (every --set checkpoint_every=N steps, and at the end)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from --checkpoint-dir")
+    p.add_argument("--out", default=None, help="save the trained model here (HF directory + sparsa.json)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
+    _eval_args(p, "eval-")
 
 
 # -- commands ----------------------------------------------------------------------------
@@ -387,7 +431,132 @@ def cmd_bench(args) -> int:
     return 0 if summary["wrong"] == 0 else 1
 
 
+def _train_settings(pairs: list[str]) -> dict:
+    from dataclasses import fields
+
+    from .train import TrainConfig
+
+    known = {f.name: f.type for f in fields(TrainConfig)}
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in known:
+            raise InputError(f"--set {pair!r}: give KEY=VALUE with KEY one of: {', '.join(sorted(known))}")
+        for kind in (int, float):
+            try:
+                value = kind(value)
+                break
+            except ValueError:
+                continue
+        out[key] = value
+    return out
+
+
+def cmd_train(args) -> int:
+    import copy
+    import dataclasses
+
+    from .api import evaluate, inspect, load_model, prune, train
+    from .models import check_output, save_model
+    from .train import TrainConfig
+    from .train.loop import full_state_dict, rank, world
+
+    config = TrainConfig(
+        method=args.method, data=args.data, steps=args.steps, lr=args.lr, seq_len=args.seq_len, batch_size=args.batch_size,
+        seed=args.seed, pattern=args.pattern, sparsity=args.sparsity, **_train_settings(args.settings),
+    )
+    if args.resume and not args.checkpoint_dir:
+        raise InputError("--resume needs --checkpoint-dir (the directory the interrupted run wrote)")
+    if args.out:
+        check_output(args.out, args.force)
+    lm = _load(args)
+    teacher = None
+    if args.prune:
+        teacher = copy.deepcopy(lm.model)
+        record = prune(lm, method=args.prune, pattern=args.pattern, sparsity=args.sparsity)
+        _say(f"pruned with {args.prune} {args.pattern} in {record['seconds']:.1f} s")
+    elif args.teacher:
+        teacher = load_model(args.teacher, device=args.device, dtype=args.dtype).model
+    evaluate_kw = dict(seq_len=args.eval_seq_len, max_tokens=args.eval_max_tokens or None)
+    rows = []
+    if not args.no_eval:
+        rows.append(("before training", inspect(lm), evaluate(lm, args.eval_text, **evaluate_kw)))
+    # under torchrun the model gets sharded: a plain CPU copy receives the gathered weights (on rank 0)
+    plain = copy.deepcopy(lm.model).to("cpu") if world() > 1 else None
+    record = train(lm, config, teacher=teacher, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+    if plain is not None:
+        state = full_state_dict(lm.model)  # every process takes part
+        if rank() == 0:
+            plain.load_state_dict(state)
+    trained = dataclasses.replace(lm, model=plain) if plain is not None else lm
+    _say(f"trained {record['steps']} steps ({record['tokens']:,} tokens) in {record['seconds']:.1f} s; final loss {record['loss_curve'][-1]:.4f}" if record.get("loss_curve") else f"trained in {record['seconds']:.1f} s")
+    if not args.no_eval:
+        after = evaluate(lm, args.eval_text, **evaluate_kw)
+        rows.append((f"after {args.method}", inspect(trained), after))
+        lm.record["training"]["evaluation"] = {"text": args.eval_text, "before": rows[0][2].to_dict(), "after": after.to_dict()}
+        _table_before_after(lm.info.name, rows)
+    if args.out and rank() == 0:
+        out = save_model(trained.model, lm.tokenizer, args.out, {"source": lm.source, **lm.record}, force=args.force)
+        _say(f"saved to {out}")
+    return 0
+
+
 COMMANDS = {"prune": cmd_prune, "eval": cmd_eval, "inspect": cmd_inspect, "bench": cmd_bench}
+COMMANDS["train"] = cmd_train
+
+
+EPILOG_FRONTIER = """\
+examples:
+  sparsa frontier                                # the default sweep on the embedded SmolLM2-135M (~15 configurations)
+  sparsa frontier ./my-llama --config sweep.toml --out my-frontier
+  sparsa frontier --out runs/f1                  # interrupted? the same command resumes (--fresh starts over)
+  sparsa frontier --max-tokens 2048              # a quicker, noisier perplexity per configuration
+  sparsa frontier BIG --device cuda --ray auto   # one Ray task per GPU of a running cluster (--ray local: in-process)
+
+Each configuration (weights x attention x activations, and combinations)
+gets a fresh copy of the model, is made sparse, evaluated (perplexity;
+long-context and lm-eval tasks where the sweep names them) and timed: on a
+CUDA model speed is measured (prefill ms, decode tokens/s); otherwise it is
+PREDICTED from the GPU measurements stored in benchmarks/results/*.json.
+OUT/results.jsonl gets one line per configuration as it finishes; the report
+is OUT/frontier.png, OUT/report.html and the Pareto table printed here.
+
+sweep.toml (every key is checked; start from sparsa/frontier/default_sweep.toml):
+  [eval]      seq_len, perplexity_tokens, longctx_tasks, longctx_length, lm_eval_tasks ...
+  [speed]     mode = "auto" | "predicted" | "measured", prefill_tokens, decode_context
+  [axes]      weights = [{method = ["wanda", "sparsegpt"], pattern = "2:4"}]   # lists expand
+              attention = [{method = "vertical_slash", vertical = 256, slash = 256, min_len = 1024}]
+              activations = [{method = "cats", sparsity = [0.4, 0.5]}]
+  [[combine]] weights = {method = "wanda", pattern = "2:4"}
+              activations = {method = "cats", sparsity = 0.5}
+"""
+
+
+def _add_frontier_parser(sub) -> None:
+    p = sub.add_parser("frontier", help="sweep sparsity configurations: Pareto table, plots, HTML report", description="Sweep weight, attention and activation sparsity (and combinations) on one model; report the Pareto frontier of accuracy against speedup.", epilog=EPILOG_FRONTIER, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _model_arg(p)
+    p.add_argument("--config", default=None, metavar="SWEEP.toml", help="the sweep (default: the shipped default sweep)")
+    p.add_argument("--out", default="frontier", help="folder for results.jsonl, frontier.png and report.html (default: frontier)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--resume", dest="fresh", action="store_false", default=False, help="skip configurations already in OUT/results.jsonl (the default)")
+    group.add_argument("--fresh", dest="fresh", action="store_true", help="discard OUT/results.jsonl and start over")
+    p.add_argument("--ray", default=None, metavar="ADDRESS", help="run configurations as Ray tasks on this cluster (auto, HOST:PORT, ray://...), or 'local' for an in-process Ray")
+    p.add_argument("--max-tokens", type=_tokens, default=None, help="perplexity tokens per configuration, overriding the sweep; 0 for all")
+    p.add_argument("--all", dest="all_rows", action="store_true", help="print every configuration, not only the Pareto set")
+
+
+def cmd_frontier(args) -> int:
+    from .api import frontier
+
+    if args.config is not None and not os.path.isfile(args.config):
+        raise InputError(f"--config {args.config}: no such file; pass a sweep TOML (see: sparsa frontier --help)")
+    result = frontier(args.model, args.config, out=args.out, fresh=args.fresh, ray=args.ray, device=args.device,
+                      dtype=args.dtype, max_tokens=args.max_tokens, all_rows=args.all_rows)
+    _say(f"wrote {result.results}, {result.png or '(no plot: pip install sparsa[frontier])'} and {result.html}")
+    return 0 if all(r.get("status") == "ok" for r in result.records) else 1
+
+
+COMMANDS["frontier"] = cmd_frontier
 
 
 def main(argv: Sequence[str] | None = None) -> int:

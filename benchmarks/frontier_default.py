@@ -1,0 +1,68 @@
+"""The default frontier sweep on the embedded SmolLM2-135M, on a CPU, speed predicted from stored H100 measurements.
+
+    PYTHONPATH=src python benchmarks/frontier_default.py [--resume] [--name frontier_default]
+
+Runs ``sparsa frontier`` with the shipped default sweep (weights, attention,
+activations and two combinations; perplexity on 8,192 tokens of the shipped
+evaluation text, needle and multi-value at 2,048 tokens) and writes
+``benchmarks/results/NAME/{results.jsonl,frontier.png,report.html}`` and
+``benchmarks/results/NAME.json`` (every record, the Pareto rows, goals).
+Without a GPU the speedups are predicted by ``sparsa.frontier.costmodel``
+from ``benchmarks/results/*.json``.
+
+Goals (issue 8): the whole sweep finishes in under 30 minutes on this CPU,
+and every configuration finishes without an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+
+from sparsa.benchmarking import RESULTS, goal, print_goals, write_results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--name", default="frontier_default")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted run (the time goal then counts the recorded seconds)")
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+    from sparsa.frontier import frontier, load_sweep
+
+    out = RESULTS / args.name
+    sweep = load_sweep()
+    start = time.perf_counter()
+    result = frontier(None, sweep, out=out, fresh=not args.resume, device="cpu")
+    wall = time.perf_counter() - start
+    seconds = wall if not args.resume else sum(r.get("seconds", 0.0) for r in result.records)
+    failed = [r["id"] for r in result.records if r.get("status") != "ok"]
+    goals = [
+        goal("default sweep on CPU, minutes", round(seconds / 60, 2), 30.0),
+        goal("configurations failed", float(len(failed)), 0.0),
+    ]
+    print_goals(goals)
+    pareto = [dataclasses.asdict(r) for r in result.pareto]
+    path = write_results(args.name, {
+        "model": "SmolLM2-135M-Instruct (embedded default, float32, CPU)",
+        "sweep": "src/sparsa/frontier/default_sweep.toml",
+        "settings": sweep.settings.to_dict(),
+        "configurations": len(sweep.configs),
+        "wall_seconds": wall,
+        "fresh": not args.resume,
+        "failed": failed,
+        "pareto": pareto,
+        "files": [f"{args.name}/results.jsonl", f"{args.name}/frontier.png", f"{args.name}/report.html"],
+        "records": result.records,
+    }, goals)
+    print(f"wrote {path} and {out}/", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
