@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--name", default="linear24", help="results file name (benchmarks/results/NAME.json)")
     parser.add_argument("--skip-70b-16k", action="store_true", help="leave out the 70B shapes at 16384 tokens")
     parser.add_argument("--models", default="8B,70B", help="which models' shapes, comma-separated (8B, 70B)")
+    parser.add_argument("--layers", default="qkv,o,gate_up,down", help="which layers, comma-separated (qkv, o, gate_up, down)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("linear24.py needs a CUDA GPU")
@@ -48,7 +49,8 @@ def main() -> None:
     wanted = {m.strip().upper() for m in args.models.split(",")}
     if not wanted <= set(SHAPES):
         sys.exit(f"--models: choose from {', '.join(SHAPES)}")
-    shapes = [(m, *s) for m, group in SHAPES.items() for s in group if m in wanted]
+    layers = {name.strip() for name in args.layers.split(",")}
+    shapes = [(m, *s) for m, group in SHAPES.items() for s in group if m in wanted and s[0] in layers]
     tokens = TOKENS
     if args.quick:
         shapes = [("8B", "o", 4096, 4096), ("8B", "down", 4096, 14336)]
@@ -84,7 +86,7 @@ def finish(cases, skipped, args, started, final: bool) -> None:
         goal("cases wrong (relative error >= 1e-2) or failed", s["wrong"], 0, better="lower"),
     ]
     payload = {
-        "complete": final, "quick": args.quick, "models": args.models, "elapsed_s": round(time.perf_counter() - started, 1),
+        "complete": final, "quick": args.quick, "models": args.models, "layers": args.layers, "elapsed_s": round(time.perf_counter() - started, 1),
         "summary": s, "skipped": skipped, "cases": cases,
     }
     path = write_results(args.name, payload, goals)
