@@ -75,6 +75,17 @@ def save_model(model: nn.Module, tokenizer, out: str | os.PathLike, record: dict
     return out
 
 
+def atomic_save_tensors(tensors: dict, path: str | os.PathLike) -> None:
+    """Save tensors as safetensors by rename, so a kill never leaves half a file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, tmp)
+    os.replace(tmp, path)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file by rename, so readers never see half of it."""
     path = Path(path)

@@ -25,12 +25,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..data import calibration_samples, load_text
 from ..errors import InputError, ModelError
-from ..models import LoadedModel, adapter_for, atomic_write_text, count_parameters, linear_layers
+from ..models import LoadedModel, adapter_for, atomic_save_tensors, atomic_write_text, count_parameters, linear_layers
 from .base import METHODS
 from .config import PruneConfig
 from .owl import outlier_ratio, owl_budgets
@@ -334,8 +334,8 @@ class _Checkpoint:
     def save(self, index: int, layer: nn.Module, hidden: list[torch.Tensor]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
-        _atomic_save(weights, self.dir / f"layer_{index:04d}.safetensors")
-        _atomic_save({f"h{j}": h.cpu().contiguous() for j, h in enumerate(hidden)}, self.dir / "inputs.safetensors")
+        atomic_save_tensors(weights, self.dir / f"layer_{index:04d}.safetensors")
+        atomic_save_tensors({f"h{j}": h.cpu().contiguous() for j, h in enumerate(hidden)}, self.dir / "inputs.safetensors")
         atomic_write_text(self.dir / "state.json", json.dumps({**self.key, "next_layer": index + 1}, default=str))
 
     def load(self, layers: nn.ModuleList, device: str) -> tuple[int, list[torch.Tensor]]:
@@ -355,9 +355,3 @@ class _Checkpoint:
     def finish(self) -> None:
         state = json.loads((self.dir / "state.json").read_text())
         atomic_write_text(self.dir / "state.json", json.dumps({**state, "complete": True}))
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, tmp)
-    os.replace(tmp, path)

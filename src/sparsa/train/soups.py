@@ -18,9 +18,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..errors import InputError
+from ..models import atomic_save_tensors
 from .base import TRAIN_METHODS, TrainMethod
 from .loop import TokenBatches, train_loop, world
 
@@ -63,7 +64,7 @@ class Soup(TrainMethod):
                 records.append({"seed": seed, **{k: record[k] for k in ("loss_curve", "seconds", "tokens")}})
                 weights = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
                 if finished is not None:
-                    _atomic_save(weights, finished)
+                    atomic_save_tensors(weights, finished)
             total = _accumulate(total, weights)
         average = {k: (v / config.soup_size).to(start[k].dtype) if v.is_floating_point() and k in start and start[k].is_floating_point() else v for k, v in total.items()}
         model.load_state_dict(average)
@@ -88,12 +89,3 @@ def _accumulate(total, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tens
         if v.is_floating_point():
             total[k] += v.double()
     return total
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    import os
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, tmp)
-    os.replace(tmp, path)
