@@ -138,10 +138,8 @@ def end_to_end(layers: int, context: int) -> dict:
         for h in hooks:
             h.remove()
         for name, threshold in medians.items():
-            parent, _, child = name.rpartition(".")
             old = model.get_submodule(name)
-            setattr(model.get_submodule(parent), child,
-                    SparseInputLinear(old, torch.full((old.in_features,), threshold, device="cuda")))
+            model.set_submodule(name, SparseInputLinear(old, torch.full((old.in_features,), threshold, device="cuda")))
             del old
         torch.cuda.empty_cache()
         ours_ms, ours_out = time_decode(model, context, reps=100)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..kernels.sparse_gemv import MAX_TOKENS, GemvConfig, sparse_gemv
 
-__all__ = ["SparseInputLinear", "use_kernels"]
+__all__ = ["SparseInputLinear", "sparse_input_layers", "use_kernels"]
 
 
 class SparseInputLinear(nn.Module):
@@ -50,32 +50,41 @@ class SparseInputLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, keep {cut}"
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
+def sparse_input_layers(model: nn.Module, handle) -> dict[str, object]:
+    """Every module whose input is activation-sparse under ``handle``, by name: the site that cuts its input,
+    or None where the input is zero because a cut upstream made it so (the ``down_proj`` after CATS's gate)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    layers: dict[str, object] = {}
+    for site in handle.sites:
+        name = names.get(id(site.module))
+        if name is None:
+            continue
+        if site.kind == "input":
+            layers[name] = site
+        else:
+            down = f"{name.rsplit('.', 1)[0]}.down_proj"
+            if down in names.values():
+                layers[down] = None
+    return layers
 
 
 def use_kernels(model: nn.Module, handle) -> list[str]:
-    """Swap :class:`SparseInputLinear` in for every site of ``handle`` in ``model``; returns the swapped layer names.
+    """Swap :class:`SparseInputLinear` in for every ``nn.Linear`` that reads a cut input; returns the swapped names.
 
     The hooks of swapped input sites are removed (the layer cuts its own
     input); CATS's gate cuts stay hooks, since its ``down_proj`` only needs
     to skip the zeros they make.
     """
-    names = {module: name for name, module in model.named_modules()}
-    swapped, kept_sites = [], []
-    for site in handle.sites:
-        if site.kind == "input" and isinstance(site.module, nn.Linear):
-            name = names[site.module]
-            _replace(model, name, SparseInputLinear(site.module, site.channel_thresholds(site.module.in_features)))
-            swapped.append(name)
-        else:
-            kept_sites.append(site)
-            mlp_name = site.name.rsplit(".", 1)[0]
-            down = getattr(model.get_submodule(mlp_name), "down_proj", None)
-            if site.kind == "output" and isinstance(down, nn.Linear):
-                _replace(model, f"{mlp_name}.down_proj", SparseInputLinear(down, None))
-                swapped.append(f"{mlp_name}.down_proj")
-    handle.sites = kept_sites
+    swapped, inside = [], set()
+    for name, site in sparse_input_layers(model, handle).items():
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            continue
+        threshold = None if site is None else site.channel_thresholds(linear.in_features)
+        model.set_submodule(name, SparseInputLinear(linear, threshold))
+        swapped.append(name)
+        if site is not None:
+            inside.add(id(site))
+    handle.sites = [s for s in handle.sites if id(s) not in inside]
     handle.install()
     return swapped

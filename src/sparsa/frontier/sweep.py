@@ -144,22 +144,6 @@ class _DensityProbe:
             h.remove()
 
 
-def _activation_modules(model, handle) -> set[str]:
-    """Names of the linears whose weight reads an activation-sparse decode can skip."""
-    names = {n for n, m in model.named_modules()}
-    out = set()
-    by_module = {id(m): n for n, m in model.named_modules()}
-    for site in handle.sites:
-        name = by_module.get(id(site.module), "")
-        if site.kind == "input":
-            out.add(name)
-        else:  # the gate activation of an MLP (cats): the down projection reads the zeroed channels
-            parent = name.rsplit(".", 1)[0]
-            if f"{parent}.down_proj" in names:
-                out.add(f"{parent}.down_proj")
-    return out
-
-
 def _speed_mode(settings: Settings, model) -> str:
     import torch
 
@@ -299,9 +283,10 @@ def evaluate_config(config: Config, settings: Settings, *, source: str | None = 
             timed = base.model if config.is_dense else lm.model
             record["speed"] = _measured_speed(base, timed, settings, bool(config.weights and config.weights.pattern == "2:4"))
         else:
+            from ..activations.kernel import sparse_input_layers
             from .costmodel import model_cost, predict
 
-            act_modules = _activation_modules(lm.model, handle) if handle is not None else set()
+            act_modules = set(sparse_input_layers(lm.model, handle)) if handle is not None else set()
             prediction = predict(model_cost(base.model), model_cost(lm.model, act_modules), prefill_tokens=settings.prefill_tokens,
                                  decode_context=settings.decode_context, activation_sparsity=config.activations.sparsity if config.activations else None,
                                  attention=attention)

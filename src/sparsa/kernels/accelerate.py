@@ -98,12 +98,10 @@ def accelerate(
         report["reason"] = "no linear layer is 2:4 sparse, float16/bfloat16 and on a CUDA GPU"
         return report
 
-    modules = dict(model.named_modules())
     tokens = sorted({int(t) for t in tune_tokens if int(t) > 0})
     for name, module in eligible:
         layer = SparseLinear24.from_linear(module, name, keep_dense=keep_dense)
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name] if parent_name else model, child, layer)
+        model.set_submodule(name, layer)
         report["replaced"].append(name)
         for t in tokens:
             layer.route(t)
