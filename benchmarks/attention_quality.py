@@ -68,11 +68,11 @@ def main() -> None:
     if journal.is_file():
         for line in journal.read_text().splitlines():
             row = json.loads(line)
-            done[(row["model"], row["config"])] = row
+            done[(row["model"], row["config"], tuple(row["lengths"]))] = row
     attn = [m for _, m in lm.model.named_modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
     print(f"{lm.info.name}: lengths {lengths}, tasks {tasks}, {args.examples} examples each", flush=True)
     for label, method, settings in configs:
-        if (lm.info.name, label) in done:
+        if (lm.info.name, label, tuple(lengths)) in done:
             continue
         remove(lm.model)
         if method is not None:
@@ -95,10 +95,11 @@ def main() -> None:
                "examples": result["examples"]}
         with journal.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        done[(lm.info.name, label)] = row
+        done[(lm.info.name, label, tuple(lengths))] = row
         print(f"{label:28} score {row['mean_score']:.3f}  density {row['density']:.3f}  ({row['seconds']:.0f} s)", flush=True)
     remove(lm.model)
-    report(args, lm.info.name, [done[(lm.info.name, c[0])] for c in configs if (lm.info.name, c[0]) in done], tasks, lengths)
+    report(args, lm.info.name, [done[(lm.info.name, c[0], tuple(lengths))] for c in configs
+                                      if (lm.info.name, c[0], tuple(lengths)) in done], tasks, lengths)
 
 
 def report(args, model_name: str, rows: list[dict], tasks: list[str], lengths: list[int]) -> None:

@@ -37,7 +37,7 @@ PATTERNS = [  # (label, pattern, settings)
     ("antidiagonal s16", "antidiagonal", dict(threshold=0.9, stride=16)),
     ("flexprefill", "flexprefill", dict(coverage=0.9)),
 ]
-TRITON_LAUNCHES = [dict(num_warps=8, num_stages=2), dict(num_warps=8, num_stages=3), dict(num_warps=4, num_stages=2),
+TRITON_LAUNCHES = [dict(num_warps=8, num_stages=2), dict(num_warps=8, num_stages=3), dict(num_warps=8, num_stages=4),
                    dict(num_warps=4, num_stages=3)]
 SPARSITY = 0.95  # of the full L x L block grid, as the issue counts it: ~10% of the causal blocks are kept
 

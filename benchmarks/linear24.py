@@ -1,6 +1,7 @@
 """2:4 sparse linear layers vs dense cuBLAS on a CUDA GPU, at Llama-3 shapes and 1..16384 tokens.
 
     PYTHONPATH=src python benchmarks/linear24.py [--quick] [--budget-s 300] [--name linear24]
+    PYTHONPATH=src python benchmarks/linear24.py --summarize A.json B.json ...   # one table over several runs
 
 Shapes: Llama-3-8B (fused qkv 6144x4096, o 4096x4096, fused gate+up
 28672x4096, down 4096x14336) and Llama-3-70B (10240x8192, 8192x8192,
@@ -35,7 +36,13 @@ def main() -> None:
     parser.add_argument("--skip-70b-16k", action="store_true", help="leave out the 70B shapes at 16384 tokens")
     parser.add_argument("--models", default="8B,70B", help="which models' shapes, comma-separated (8B, 70B)")
     parser.add_argument("--layers", default="qkv,o,gate_up,down", help="which layers, comma-separated (qkv, o, gate_up, down)")
+    parser.add_argument("--summarize", nargs="+", metavar="JSON",
+                        help="print the summary and goals over the cases of these result files (no GPU; a later "
+                             "file's case replaces an earlier one of the same model, layer, dtype and M)")
+    parser.add_argument("--tokens", default=None, help="token counts M, comma-separated (default: 1,16,64,128,1024,4096,16384)")
     args = parser.parse_args()
+    if args.summarize:
+        return summarize_files(args.summarize)
     if not torch.cuda.is_available():
         sys.exit("linear24.py needs a CUDA GPU")
     import triton
@@ -51,7 +58,7 @@ def main() -> None:
         sys.exit(f"--models: choose from {', '.join(SHAPES)}")
     layers = {name.strip() for name in args.layers.split(",")}
     shapes = [(m, *s) for m, group in SHAPES.items() for s in group if m in wanted and s[0] in layers]
-    tokens = TOKENS
+    tokens = TOKENS if args.tokens is None else tuple(int(t) for t in args.tokens.split(","))
     if args.quick:
         shapes = [("8B", "o", 4096, 4096), ("8B", "down", 4096, 14336)]
         tokens = (1, 64, 4096)
@@ -75,6 +82,23 @@ def main() -> None:
     finish(cases, skipped, args, started, final=True)
 
 
+def summarize_files(paths: list[str]) -> None:
+    import json
+
+    from sparsa.kernels.bench_linear import format_summary, summarize
+
+    cases = {}
+    for path in paths:
+        doc = json.loads(open(path).read())
+        print(f"{path}: {doc['device']}, {doc['date']}, {len(doc['cases'])} cases")
+        for c in doc["cases"]:
+            cases[(c["model"], c["layer"], c["dtype"], c["m"])] = c
+    s = summarize(list(cases.values()))
+    print("\n".join(format_summary(s)))
+    print(f"{s['cases']} cases: min {s['min_ratio']:.3f}, mean at M >= 4096 {s['mean_ratio_m_ge_4096']:.3f}, "
+          f"geomean at M = 1 {s['geomean_ratio_m1']:.3f}")
+
+
 def finish(cases, skipped, args, started, final: bool) -> None:
     from sparsa.kernels.bench_linear import format_summary, summarize
 
@@ -86,7 +110,7 @@ def finish(cases, skipped, args, started, final: bool) -> None:
         goal("cases wrong (relative error >= 1e-2) or failed", s["wrong"], 0, better="lower"),
     ]
     payload = {
-        "complete": final, "quick": args.quick, "models": args.models, "layers": args.layers, "elapsed_s": round(time.perf_counter() - started, 1),
+        "complete": final, "quick": args.quick, "models": args.models, "layers": args.layers, "tokens": args.tokens, "elapsed_s": round(time.perf_counter() - started, 1),
         "summary": s, "skipped": skipped, "cases": cases,
     }
     path = write_results(args.name, payload, goals)

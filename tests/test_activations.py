@@ -85,7 +85,8 @@ from sparsa.kernels.sparse_gemv import GemvConfig, sparse_gemv, transpose_weight
 torch.manual_seed(0)
 worst = 0.0
 for dtype in (torch.float32, torch.float16, torch.bfloat16):
-    for m, n, k, chunk in ((1, 70, 96, 96), (3, 130, 200, 48), (8, 64, 64, 64)):
+    # K split over 3, 13 and 1 programs
+    for m, n, k, block_k in ((1, 70, 96, 32), (3, 130, 200, 16), (8, 64, 64, 64)):
         w = torch.randn(n, k).to(dtype)
         x = torch.randn(m, k)
         x[torch.rand(m, k) < 0.6] = 0.0  # 60% of channels inactive
@@ -94,7 +95,7 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
             x[1] = torch.randn(k)          # an all-active token
         x = x.to(dtype)
         b = torch.randn(n).to(dtype)
-        config = GemvConfig(block_n=32, block_k=16, k_chunk=chunk)
+        config = GemvConfig(block_n=32, block_k=block_k)
         # nonzero channels active
         ref = x.double() @ w.double().T + b.double()
         out = sparse_gemv(x, transpose_weight(w), b, config=config)

@@ -90,6 +90,18 @@ def test_sparse_masks_are_causal_and_backends_agree(name, lq):
         assert rel(attend(q, k, v, mask, backend=backend), ref) < 1e-5, backend
 
 
+def test_masked_backend_in_row_chunks_equals_one_piece(monkeypatch):
+    """The CPU path never builds the whole L x L mask: chunks of query rows give the same output."""
+    import sparsa.attention.backends as backends
+
+    q, k, v = qkv(21, lq=150, lk=333)
+    mask = make_pattern("vertical_slash", block_size=BLOCK, **SPARSE["vertical_slash"]).mask(q, expand(k, q.shape[1]))
+    whole = attend(q, k, v, mask, backend="masked")
+    monkeypatch.setattr(backends, "MASKED_CHUNK_ELEMENTS", 2 * 4 * 333 * 7)  # 7 query rows at a time
+    assert rel(attend(q, k, v, mask, backend="masked"), whole) < 1e-6
+    assert rel(whole, reference64(q, k, v, mask.token_mask())) < 1e-5
+
+
 def test_streaming_is_sinks_plus_window():
     q, k, _ = qkv(3, b=1, h=1, hkv=1, lq=256, lk=256)
     blocks = make_pattern("streaming", block_size=BLOCK, sink_blocks=1, local_blocks=2).mask(q, k).blocks[0, 0]
@@ -204,14 +216,16 @@ from sparsa.attention import attend, make_pattern
 torch.manual_seed(0)
 worst = 0.0
 for dtype in (torch.float32, torch.bfloat16):
-    for lq, lk, d in ((64, 64, 16), (40, 100, 16), (1, 70, 32)):
+    # (block, query rows per program): whole blocks, and blocks split over two programs; d = 24 is padded
+    for lq, lk, d, block, block_m in ((64, 64, 16, 16, None), (40, 100, 24, 16, None), (1, 70, 32, 16, None),
+                                      (70, 130, 16, 32, 16)):
         q = torch.randn(1, 4, lq, d).to(dtype)
         k = torch.randn(1, 2, lk, d).to(dtype)
         v = torch.randn(1, 2, lk, d).to(dtype)
         for name, settings in (("streaming", dict(local_blocks=1)), ("antidiagonal", dict(stride=4, threshold=0.6)), ("quest", dict(pages=1000))):
-            mask = make_pattern(name, block_size=16, **settings).mask(q, k.repeat_interleave(2, 1))
+            mask = make_pattern(name, block_size=block, **settings).mask(q, k.repeat_interleave(2, 1))
             ref = attend(q.double(), k.double(), v.double(), mask, backend="reference")
-            out = attend(q, k, v, mask, backend="triton")
+            out = attend(q, k, v, mask, backend="triton", block_m=block_m)
             err = ((out.double() - ref).norm() / ref.norm()).item()
             assert err < (1e-5 if dtype == torch.float32 else 2e-2), (dtype, lq, lk, name, err)
             worst = max(worst, err)

@@ -8,13 +8,13 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 pytest.importorskip("triton")
 
-from sparsa.kernels.sparse_gemv import GemvConfig, sparse_gemv, transpose_weight  # noqa: E402
+from sparsa.kernels.sparse_gemv import GemvConfig, _accumulator, sparse_gemv, transpose_weight  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,n,k", [(1, 4096, 4096), (3, 1000, 1100), (8, 512, 14336)])
-@pytest.mark.parametrize("chunk", [100000, 256])
-def test_sparse_gemv_matches_float64(dtype, m, n, k, chunk):
+@pytest.mark.parametrize("block_k", [64, 256, 1024])
+def test_sparse_gemv_matches_float64(dtype, m, n, k, block_k):
     g = torch.Generator(device="cuda").manual_seed(m * n + k)
     w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).to(dtype)
     x = torch.randn(m, k, device="cuda", generator=g)
@@ -23,12 +23,13 @@ def test_sparse_gemv_matches_float64(dtype, m, n, k, chunk):
         x[0] = 0  # an all-zero token
     x = x.to(dtype)
     ref = x.double() @ w.double().T
-    out = sparse_gemv(x, transpose_weight(w), config=GemvConfig(k_chunk=chunk))
+    out = sparse_gemv(x, transpose_weight(w), config=GemvConfig(block_k=block_k))
     assert torch.isfinite(out).all()
     if m > 1:
         assert out[0].abs().max() == 0
     err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
     assert err < 1e-2, err
+    assert int((_accumulator(x.device, 1) != 0).sum()) == 0, "the accumulator was not cleared for the next call"
 
 
 def test_sparse_gemv_thresholds_match_float64():

@@ -16,7 +16,8 @@ pytest.importorskip("triton")
 from sparsa.errors import InputError  # noqa: E402
 from sparsa.kernels import SparseLinear24, accelerate, choose, compress_24, cusparselt_available, decompress_24  # noqa: E402
 from sparsa.kernels import dispatch  # noqa: E402
-from sparsa.kernels.triton_sparse24 import TritonConfig, _counters, candidate_configs, default_config, sparse24_matmul  # noqa: E402
+from sparsa.kernels.splitk import counters as _counters  # noqa: E402
+from sparsa.kernels.triton_sparse24 import TritonConfig, candidate_configs, default_config, sparse24_matmul  # noqa: E402
 
 TOL = 1e-2  # relative Frobenius error: bf16 rounding of the output is ~4e-3
 DTYPES = [torch.float16, torch.bfloat16]

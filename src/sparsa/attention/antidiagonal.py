@@ -20,7 +20,7 @@ import math
 import torch
 
 from ..errors import require
-from .base import PATTERNS, PatternBase
+from .base import PATTERNS, PatternBase, scaled_scores
 from .masks import BlockMask, block_aligned, finalize, top_cumulative
 
 __all__ = ["Antidiagonal"]
@@ -61,10 +61,12 @@ class Antidiagonal(PatternBase):
             rows = q_start // s + torch.arange(r0, r1, device=q.device)  # strided absolute rows
             # causal: this chunk needs the key columns up to its last row, widened to whole blocks
             ncols = min(cols_total, -(-(int(rows[-1]) + 1) // per) * per)
-            scores = (qs[..., r0:r1, :] @ ks[..., :ncols, :].transpose(-1, -2)).float() / (math.sqrt(d) * s)
-            cols = torch.arange(ncols, device=q.device)
-            scores = scores.masked_fill((cols[None, :] > rows[:, None]) | (cols[None, :] * s >= lk), float("-inf"))
-            probs = scores.softmax(dim=-1).nan_to_num(0.0)
+            scores = scaled_scores(qs[..., r0:r1, :], ks[..., :ncols, :], 1.0 / (math.sqrt(d) * s))
+            # only columns past the chunk's first row can be in the future (or past the last key)
+            first = min(int(rows[0]) + 1, ncols)
+            cols = torch.arange(first, ncols, device=q.device)
+            scores[..., first:].masked_fill_((cols[None, :] > rows[:, None]) | (cols[None, :] * s >= lk), float("-inf"))
+            probs = scores.softmax(dim=-1)  # every row keeps column 0: no row is all -inf
             sums = probs.reshape(*probs.shape[:2], (r1 - r0) // per, per, ncols // per, per).sum(dim=(3, 5))
             chunks.append(torch.nn.functional.pad(sums, (0, kb - ncols // per)))
         block_probs = torch.cat(chunks, dim=-2)

@@ -7,9 +7,10 @@
 * ``flex``: PyTorch FlexAttention driven by the same block mask (converted to
   FlexAttention's ``BlockMask`` without building any token-level tensor) with
   a causal ``mask_mod``; compiled on CUDA, eager elsewhere.
-* ``masked``: dense SDPA with the token-level mask the block mask implies:
-  the same function, no faster, ``L x L`` memory; the quick way to measure
-  accuracy on a CPU at moderate lengths.
+* ``masked``: dense SDPA with the token-level mask the block mask implies,
+  over chunks of query rows (at most ``MASKED_CHUNK_ELEMENTS`` mask entries
+  at once): the same function, no faster than dense; the quick way to
+  measure accuracy on a CPU.
 * ``triton``: our own Triton kernel (:mod:`sparsa.kernels.block_sparse_attn`)
   walking each query block's kept key blocks with an online softmax.
 
@@ -30,6 +31,7 @@ from .masks import BlockMask, block_aligned
 __all__ = ["BACKENDS", "attend", "flex", "kept_lists", "masked", "reference", "triton_kernel"]
 
 BACKENDS: Registry = Registry("attention backend")
+MASKED_CHUNK_ELEMENTS = 1 << 26
 
 
 def _check(q, k, v, mask: BlockMask) -> None:
@@ -141,14 +143,22 @@ def flex(q, k, v, mask: BlockMask, scale: float | None = None) -> torch.Tensor:
 @BACKENDS.register("masked")
 def masked(q, k, v, mask: BlockMask, scale: float | None = None) -> torch.Tensor:
     _check(q, k, v, mask)
-    allowed = mask.token_mask()
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
-                                                            enable_gqa=k.shape[1] != q.shape[1])
+    b, h, lq, _ = q.shape
+    # query rows in chunks, so the token mask never exceeds MASKED_CHUNK_ELEMENTS (L x L would not fit at 128k)
+    rows = max(1, MASKED_CHUNK_ELEMENTS // (b * h * mask.k_len))
+    out = torch.empty((b, h, lq, v.shape[-1]), dtype=q.dtype, device=q.device)
+    for start in range(0, lq, rows):
+        stop = min(start + rows, lq)
+        keys = mask.q_offset + stop  # causal: later keys are never seen by these rows
+        out[:, :, start:stop] = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, start:stop], k[:, :, :keys], v[:, :, :keys], attn_mask=mask.token_mask(start, stop)[..., :keys],
+            scale=scale, enable_gqa=k.shape[1] != q.shape[1])
+    return out
 
 
 @BACKENDS.register("triton")
 def triton_kernel(q, k, v, mask: BlockMask, scale: float | None = None, **launch) -> torch.Tensor:
-    """Our Triton kernel; ``launch`` options (``num_warps``, ``num_stages``) go to the kernel launch."""
+    """Our Triton kernel; ``launch`` options (``num_warps``, ``num_stages``, ``block_m``) go to the kernel launch."""
     from ..kernels.block_sparse_attn import block_sparse_attention
 
     _check(q, k, v, mask)

@@ -48,9 +48,20 @@ def make_pattern(name: str, **params) -> PatternBase:
     return cls(**params)
 
 
-def scaled_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """``q k^T / sqrt(d)`` in float32."""
-    return (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+def scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """``q k^T * scale`` (default ``1 / sqrt(d)``) in float32 (``q`` and ``k`` with the same leading dims).
+
+    On CUDA, fp16/bf16 inputs stay in their precision and the GEMM writes
+    float32 directly: widening the keys first would copy all of them and
+    run the product without tensor cores.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype:
+        lead = q.shape[:-2]
+        qs = (q.float() * scale).to(q.dtype).reshape(-1, *q.shape[-2:])
+        out = torch.bmm(qs, k.reshape(-1, *k.shape[-2:]).transpose(-1, -2), out_dtype=torch.float32)
+        return out.reshape(*lead, q.shape[-2], k.shape[-2])
+    return (q.float() @ k.float().transpose(-1, -2)) * scale
 
 
 def last_queries_softmax(q: torch.Tensor, k: torch.Tensor, count: int) -> torch.Tensor:
@@ -58,7 +69,7 @@ def last_queries_softmax(q: torch.Tensor, k: torch.Tensor, count: int) -> torch.
     lq, lk = q.shape[-2], k.shape[-2]
     count = min(count, lq)
     scores = scaled_scores(q[..., lq - count :, :], k)
-    rows = torch.arange(lk - count, lk, device=q.device)
-    cols = torch.arange(lk, device=q.device)
-    scores = scores.masked_fill(cols[None, :] > rows[:, None], float("-inf"))
+    # only the last count x count corner holds future keys
+    rows = torch.arange(count, device=q.device)
+    scores[..., lk - count :].masked_fill_(rows[None, :] > rows[:, None], float("-inf"))
     return scores.softmax(dim=-1)

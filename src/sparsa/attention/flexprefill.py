@@ -54,7 +54,8 @@ class FlexPrefill(PatternBase):
         kb = -(-lk // bs)
         last = min(bs, lq)
         probs = last_queries_softmax(q, k, last)  # [B, H, last, Lk]
-        true_blocks = torch.nn.functional.pad(probs.sum(-2), (0, kb * bs - lk)).reshape(*probs.shape[:2], kb, bs).sum(-1)
+        columns, diagonals = column_and_diagonal_scores(probs, lk)
+        true_blocks = torch.nn.functional.pad(columns, (0, kb * bs - lk)).reshape(*probs.shape[:2], kb, bs).sum(-1)
         true_blocks = true_blocks / true_blocks.sum(-1, keepdim=True)
 
         qp, kp, _ = block_aligned(q, k, bs)
@@ -66,8 +67,7 @@ class FlexPrefill(PatternBase):
         trusted = js_divergence(estimate[..., -1, :], true_blocks) < self.divergence  # [B, H]
 
         query_aware = top_cumulative(estimate, self.coverage)
-        columns, diagonals = column_and_diagonal_scores(probs, lk)
-        total = probs.sum(dim=(-1, -2))[..., None].clamp_min(1e-30)
+        total = probs.shape[-2]  # each row of probs sums to 1
         shared = lines_to_blocks(top_cumulative(columns / total, self.coverage),
                                  top_cumulative(diagonals / total, self.coverage), lq, lk, bs)
         blocks = torch.where(trusted[..., None, None], query_aware, shared)

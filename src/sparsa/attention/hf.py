@@ -33,7 +33,6 @@ from .masks import causal_blocks
 __all__ = ["AttentionPolicy", "apply", "remove"]
 
 NAME = "sparsa"
-MASKED_MAX_ELEMENTS = 1 << 28
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +48,13 @@ class AttentionPolicy:
             return False
         return self.pattern.phase in ("both", "decode" if q_len == 1 else "prefill")
 
-    def run_backend(self, device: torch.device, q_len: int, k_len: int, heads: int) -> str:
-        """``auto``: FlexAttention on CUDA; on a CPU the masked dense path while its mask fits in 256 MB, else reference."""
+    def run_backend(self, device: torch.device) -> str:
+        """``auto``: FlexAttention on CUDA; on a CPU the masked dense path (chunked, any length)."""
         if self.backend != "auto":
             return self.backend
         if device.type == "cuda":
             return "flex"
-        return "masked" if q_len * k_len * heads <= MASKED_MAX_ELEMENTS else "reference"
+        return "masked"
 
 
 def _forward(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -81,7 +80,7 @@ def _forward(module: nn.Module, query, key, value, attention_mask, dropout: floa
         dense_heads = [h for h in range(heads) if h not in policy.heads]
         mask.blocks[:, dense_heads] = causal_blocks(q_len, k_len, mask.block_size, query.device)
     module.sparsa_last_density = mask.density()
-    out = attend(query, key, value, mask, scale=scaling, backend=policy.run_backend(query.device, q_len, k_len, heads))
+    out = attend(query, key, value, mask, scale=scaling, backend=policy.run_backend(query.device))
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -117,7 +116,7 @@ def apply(
     counts from the end). ``heads``: query-head indices made sparse in those
     layers (default all). ``min_len``: below this many keys attention stays
     dense. ``backend``: ``auto`` (FlexAttention on CUDA; on a CPU the masked
-    dense path, or reference for very long inputs), ``flex``, ``triton``,
+    dense path, in chunks of query rows), ``flex``, ``triton``,
     ``masked`` or ``reference``.
     """
     name = type(model).__name__

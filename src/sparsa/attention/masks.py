@@ -42,10 +42,11 @@ class BlockMask:
     def sparsity(self) -> float:
         return 1.0 - self.density()
 
-    def token_mask(self) -> torch.Tensor:
-        """The token-level mask ``[B, H, q_len, k_len]`` (causal and block mask): for tests on short inputs."""
+    def token_mask(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The token-level mask ``[B, H, stop - start, k_len]`` (causal and block mask) of queries ``start:stop``."""
         bs = self.block_size
-        rows = torch.arange(self.q_len, device=self.blocks.device)
+        stop = self.q_len if stop is None else stop
+        rows = torch.arange(start, stop, device=self.blocks.device)
         cols = torch.arange(self.k_len, device=self.blocks.device)
         qb = (rows + self.q_offset) // bs - self.q_offset // bs
         kb = cols // bs

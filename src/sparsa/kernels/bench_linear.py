@@ -10,9 +10,9 @@ shape, dtype and token count M, on a random 2:4 weight:
 
 Each output is first checked against the dense product (relative error).
 Then the three are timed in alternating rounds (dense, ours, stock, dense,
-...) with ``triton.testing.do_bench`` (median of each round, L2 flushed
-before every call, inputs rotating over several copies); each keeps the
-fastest round. Alternating keeps a drift of the GPU clock from favouring
+...) with the dispatcher's timer (median of each round, L2 flushed by a
+read before every call, inputs rotating over several copies); each keeps
+the fastest round. Alternating keeps a drift of the GPU clock from favouring
 whichever ran first. Ratios are dense time / other time (> 1: faster).
 """
 
@@ -51,9 +51,9 @@ class _Rotating:
 
 
 def _bench(fn, rep_ms: float) -> float:
-    from triton.testing import do_bench
+    from .dispatch import time_us
 
-    return 1000.0 * do_bench(fn, warmup=max(2, rep_ms // 4), rep=rep_ms, return_mode="median")
+    return time_us(fn, torch.device("cuda"), budget_ms=rep_ms)
 
 
 def time_side_by_side(fns: dict, rep_ms: float, rounds: int = ROUNDS) -> dict[str, float]:

@@ -5,7 +5,8 @@ blocks its mask keeps, listed in ``kv_indices[b, h, qb, :kv_counts[b, h, qb]]``.
 It keeps a running maximum and normaliser (the online softmax of
 FlashAttention), so memory is one query block's accumulator: nothing of size
 ``L x L`` exists. Causality is applied element-wise (only the diagonal block
-ever needs it). Grouped-query heads read their key-value head
+ever needs it). A mask block's queries may be split over several programs
+(``block_m``). Grouped-query heads read their key-value head
 ``h // (H / Hkv)``. Queries arrive padded to whole blocks and aligned so that
 row 0 sits at absolute position ``first`` (a multiple of the block size);
 keys are not padded (loads are masked).
@@ -29,18 +30,22 @@ LOG2E = 1.4426950408889634  # scores in log2 units: exp2 instead of exp
 if HAVE_TRITON:
 
     @triton.jit
-    def _attend_block(q, k_base, v_base, kb, q_pos, m_i, l_i, acc, LK, skm, svm, dims, d_ok, qk_scale,
-                      BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
+    def _attend_block(q, k_base, v_base, kb, q_pos, m_i, l_i, acc, LK, skm, svm, dims, qk_scale,
+                      BLOCK: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr):
         """One key block of the online softmax, in log2 units (exp2 is the cheaper instruction)."""
         cols = kb * BLOCK + tl.arange(0, BLOCK)
-        if CAUSAL:
+        d_ok = dims < D
+        if CAUSAL:  # the diagonal block: the only one that can reach past the last key
             c_ok = cols < LK
-            kt = tl.load(k_base + cols[None, :] * skm + dims[:, None], mask=c_ok[None, :] & d_ok[:, None], other=0.0)
+            k = tl.load(k_base + cols[:, None] * skm + dims[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
             v = tl.load(v_base + cols[:, None] * svm + dims[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        elif D == BLOCK_D:  # whole head dimension: unmasked loads
+            k = tl.load(k_base + cols[:, None] * skm + dims[None, :])
+            v = tl.load(v_base + cols[:, None] * svm + dims[None, :])
         else:
-            kt = tl.load(k_base + cols[None, :] * skm + dims[:, None], mask=d_ok[:, None], other=0.0)
+            k = tl.load(k_base + cols[:, None] * skm + dims[None, :], mask=d_ok[None, :], other=0.0)
             v = tl.load(v_base + cols[:, None] * svm + dims[None, :], mask=d_ok[None, :], other=0.0)
-        s = tl.dot(q, kt) * qk_scale  # [BLOCK, BLOCK] float32, log2 units
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK] float32, log2 units
         if CAUSAL:
             s = tl.where(c_ok[None, :] & (cols[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -57,23 +62,25 @@ if HAVE_TRITON:
         H, KV_GROUP, QB, LQ, LK, FIRST, qk_scale,
         sqb, sqh, sqm, skb, skh, skm, svb, svh, svm, sob, soh, som,
         scb, sch, sib, sih, siq,
-        D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
+        D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        # heads vary fastest and the last (longest) query blocks start first: the causal tail balances
+        # heads vary fastest and the last (longest) query blocks start first: the causal tail balances.
+        # A mask block of BLOCK queries may be split over BLOCK / BLOCK_M programs.
         bh = tl.program_id(0)
-        qb = QB - 1 - tl.program_id(1)
+        SPLIT: tl.constexpr = BLOCK // BLOCK_M
+        row_tile = QB * SPLIT - 1 - tl.program_id(1)
+        qb = row_tile // SPLIT
         b = bh // H
         h = bh % H
         kvh = h // KV_GROUP
-        rows = qb * BLOCK + tl.arange(0, BLOCK)  # padded query rows
+        rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # padded query rows
         dims = tl.arange(0, BLOCK_D)
-        d_ok = dims < D
         q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqm + dims[None, :],
-                    mask=(rows < LQ)[:, None] & d_ok[None, :], other=0.0)
+                    mask=(rows < LQ)[:, None] & (dims < D)[None, :], other=0.0)
         q_pos = FIRST + rows  # absolute positions
-        m_i = tl.full((BLOCK,), float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros((BLOCK,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK, BLOCK_D), dtype=tl.float32)
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         count = tl.load(counts_ptr + b * scb + h * sch + qb)
         index_row = indices_ptr + b * sib + h * sih + qb * siq
         k_base = k_ptr + b * skb + kvh * skh
@@ -81,44 +88,47 @@ if HAVE_TRITON:
         # kept blocks are listed ascending and end with the diagonal block: only that one needs the causal test
         for n in range(0, count - 1):
             kb = tl.load(index_row + n)
-            m_i, l_i, acc = _attend_block(q, k_base, v_base, kb, q_pos, m_i, l_i, acc, LK, skm, svm, dims, d_ok,
-                                          qk_scale, BLOCK, False)
+            m_i, l_i, acc = _attend_block(q, k_base, v_base, kb, q_pos, m_i, l_i, acc, LK, skm, svm, dims, qk_scale,
+                                          BLOCK, D, BLOCK_D, False)
         if count > 0:
             kb = tl.load(index_row + count - 1)
-            m_i, l_i, acc = _attend_block(q, k_base, v_base, kb, q_pos, m_i, l_i, acc, LK, skm, svm, dims, d_ok,
-                                          qk_scale, BLOCK, True)
+            m_i, l_i, acc = _attend_block(q, k_base, v_base, kb, q_pos, m_i, l_i, acc, LK, skm, svm, dims, qk_scale,
+                                          BLOCK, D, BLOCK_D, True)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(o_ptr + b * sob + h * soh + rows[:, None] * som + dims[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=(rows < LQ)[:, None] & d_ok[None, :])
+                 mask=(rows < LQ)[:, None] & (dims < D)[None, :])
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor,
                            indices: torch.Tensor, block: int, first: int, scale: float | None = None, *,
-                           num_warps: int | None = None, num_stages: int = 2) -> torch.Tensor:
+                           num_warps: int | None = None, num_stages: int = 2, block_m: int | None = None) -> torch.Tensor:
     """Causal attention of block-aligned ``q [B, H, Lq', D]`` over ``k, v [B, Hkv, Lk, D]``, kept blocks only.
 
     ``counts [B, H, QB]`` and ``indices [B, H, QB, KB]`` (int32) list each
     query block's key blocks; ``first`` is the absolute position of q's row 0.
+    ``block_m`` (a divisor of ``block``, at least 16): query rows per program.
     Returns ``[B, H, Lq', D]`` in q's dtype.
     """
     if not HAVE_TRITON:
         raise RuntimeError("the block-sparse attention kernel needs triton: pip install triton")
     b, h, lq, d = q.shape
     hkv, lk = k.shape[1], k.shape[2]
-    if h % hkv or block not in (16, 32, 64, 128) or lq % block or first % block:
-        raise ValueError(f"block-sparse attention: q {tuple(q.shape)}, k {tuple(k.shape)}, block {block}, first {first} do not fit")
+    block_m = block_m or block
+    if h % hkv or block not in (16, 32, 64, 128) or lq % block or first % block or block % block_m or block_m < 16:
+        raise ValueError(f"block-sparse attention: q {tuple(q.shape)}, k {tuple(k.shape)}, block {block}, "
+                         f"block_m {block_m}, first {first} do not fit")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     counts = counts.to(torch.int32).contiguous()
     indices = indices.to(torch.int32).contiguous()
     out = torch.empty_like(q)
-    grid = (b * h, lq // block)
+    grid = (b * h, lq // block_m)
     _block_sparse_attn_kernel[grid](
         q, k, v, out, counts, indices,
         h, h // hkv, lq // block, lq, lk, first, (1.0 / math.sqrt(d) if scale is None else scale) * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         counts.stride(0), counts.stride(1), indices.stride(0), indices.stride(1), indices.stride(2),
-        D=d, BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(d)),
-        num_warps=num_warps or (4 if block <= 64 else 8), num_stages=num_stages,
+        D=d, BLOCK=block, BLOCK_M=block_m, BLOCK_D=max(16, triton.next_power_of_2(d)),
+        num_warps=num_warps or (4 if block_m <= 64 else 8), num_stages=num_stages,
     )
     return out

@@ -28,16 +28,13 @@ instead of loading the words once and repeating them in registers; which is
 faster depends on the shape, so the dispatcher times both.
 
 Split-K: with few output tiles (tall-skinny layers, decode), ``split_k``
-programs share a tile's K range. Each writes its float32 partial to a
-workspace and increments the tile's arrival counter; the last to arrive sums
-the partials in a fixed order (deterministic), adds the bias, stores the
-output and resets the counter to zero, so one launch does everything and the
-counters are ready for the next call. ``split_k`` is a runtime argument: it
-costs no recompilation.
+programs share a tile's K range and the last to arrive sums the partials in
+the same launch (:mod:`sparsa.kernels.splitk`). ``split_k`` is a runtime
+argument: it costs no recompilation (the GEMV's all-at-once sum compiles once
+per power of two).
 
-Launches on different streams at once must not share a device (the counters
-are per device). Triton is imported here only, and guarded; the rest of the
-package imports this module lazily, so CPU machines without Triton work.
+Triton is imported here only, and guarded; the rest of the package imports
+this module lazily, so CPU machines without Triton work.
 """
 
 from __future__ import annotations
@@ -47,6 +44,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from ._triton import HAVE_TRITON, tl, triton
+from .splitk import finish, workspace
 
 __all__ = [
     "GEMV_SHAPES",
@@ -165,34 +163,6 @@ def default_config(m: int, n: int, k: int, sms: int = 132) -> TritonConfig:
 if HAVE_TRITON:
 
     @triton.jit
-    def _finish(acc, y_ptr, bias_ptr, ws_ptr, count_ptr, offs_n, offs_m, M, N, stride_ym, tile, pid_k, split_k,
-                HAS_BIAS: tl.constexpr):
-        """Store ``acc`` [BLOCK_N, BLOCK_M] as y^T (+ bias); with split-K, the last program of a tile sums the partials."""
-        out_ty = y_ptr.dtype.element_ty
-        n_ok = offs_n < N
-        out_ok = n_ok[:, None] & (offs_m < M)[None, :]
-        y_offs = offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
-        if split_k == 1:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-            tl.store(y_ptr + y_offs, acc.to(out_ty), mask=out_ok)
-        else:
-            plane = M.to(tl.int64) * N
-            ws_offs = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]
-            tl.store(ws_ptr + pid_k * plane + ws_offs, acc, mask=out_ok)
-            # every thread's partial is written before one thread signals arrival
-            tl.debug_barrier()
-            arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            if arrived == split_k - 1:
-                total = tl.zeros_like(acc)
-                for s in range(0, split_k):
-                    total += tl.load(ws_ptr + s * plane + ws_offs, mask=out_ok, other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-                tl.store(y_ptr + y_offs, total.to(out_ty), mask=out_ok)
-                tl.atomic_xchg(count_ptr + tile, 0, sem="relaxed", scope="gpu")
-
-    @triton.jit
     def _group_words(word_rows, g0, n_ok, G, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
         """The metadata word of each group g0 .. g0+BLOCK_G-1 (one load per word, then repeated 8 times)."""
         gw = g0 // 8 + tl.arange(0, BLOCK_G // 8)
@@ -255,7 +225,7 @@ if HAVE_TRITON:
             acc = tl.dot(w3, (xq >> 48).to(tl.int16).to(dt, bitcast=True), acc)
 
         tile = pid_n * tl.num_programs(0) + pid_m
-        _finish(acc, y_ptr, bias_ptr, ws_ptr, count_ptr, offs_n, offs_m, M, N, stride_ym, tile, pid_k, split_k, HAS_BIAS)
+        finish(acc, y_ptr, bias_ptr, ws_ptr, count_ptr, offs_n, offs_m, M, N, stride_ym, tile, pid_k, split_k, HAS_BIAS)
 
     @triton.jit(do_not_specialize=["M", "N", "KG", "G", "split_k", "steps_per_split"])
     def _sparse24_gemv_kernel(
@@ -264,7 +234,7 @@ if HAVE_TRITON:
         stride_xm, stride_pn, stride_wn, stride_ym,
         split_k, steps_per_split,
         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, NUM_STAGES: tl.constexpr,
-        GATHER_META: tl.constexpr,
+        GATHER_META: tl.constexpr, SUM_AT_ONCE: tl.constexpr,
     ):
         # One token per program (grid axis 0): no tensor cores; each kept value meets the
         # x element its 2-bit position names (first is 0..2, second 1..3: two selects each).
@@ -314,19 +284,8 @@ if HAVE_TRITON:
         acc = tl.sum(acc2, axis=1)[:, None]
         offs_m = pid_m + tl.arange(0, 1)
         tile = pid_n * tl.num_programs(0) + pid_m
-        _finish(acc, y_ptr, bias_ptr, ws_ptr, count_ptr, offs_n, offs_m, M, N, stride_ym, tile, pid_k, split_k, HAS_BIAS)
-
-
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _counters(device: torch.device, count: int) -> torch.Tensor:
-    """Per-device arrival counters, all zero between launches (the kernel resets its own)."""
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < count:
-        buf = torch.zeros(max(count, 1 << 16), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
+        finish(acc, y_ptr, bias_ptr, ws_ptr, count_ptr, offs_n, offs_m, M, N, stride_ym, tile, pid_k, split_k, HAS_BIAS,
+               SUM_AT_ONCE)
 
 
 def sparse24_matmul(
@@ -367,19 +326,14 @@ def sparse24_matmul(
     steps = _cdiv(_cdiv(groups, cfg.split_k), bg)  # BLOCK_G steps per split
     split = _cdiv(groups, steps * bg)
     grid = (_cdiv(m, bm), _cdiv(n, cfg.block_n), split)
-    if split > 1:
-        workspace = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-        counters = _counters(x.device, grid[0] * grid[1])
-    else:  # unused: same types as with split-K, so both share one compiled kernel
-        counters = _counters(x.device, 1)
-        workspace = counters.view(torch.float32)[:1]
+    ws, counters = workspace(split, m, n, grid[0] * grid[1], x.device)
     pairs = values.view(torch.int32)
     words = meta.view(torch.int32)
     if x.stride(0) % 4 or x.storage_offset() % 4:
         x = x.contiguous()  # the int64 view needs 8-byte aligned rows
     xq = x.view(torch.int64)
     args = (
-        xq, pairs, words, bias if bias is not None else out, out, workspace, counters,
+        xq, pairs, words, bias if bias is not None else out, out, ws, counters,
         m, n, k // 4, groups,
         xq.stride(0), pairs.stride(0), words.stride(0), out.stride(0),
         split, steps,
@@ -387,7 +341,8 @@ def sparse24_matmul(
     if gemv:
         _sparse24_gemv_kernel[grid](
             *args, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_G=bg, NUM_STAGES=cfg.num_stages,
-            GATHER_META=cfg.kind == "gemvg", num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            GATHER_META=cfg.kind == "gemvg", SUM_AT_ONCE=triton.next_power_of_2(split) if split > 1 else 0,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
         _sparse24_mma_kernel[grid](
