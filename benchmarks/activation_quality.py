@@ -8,6 +8,9 @@ tokens, windows of 1024), the same for dense. Also reported: the sparsity
 measured on the evaluation text (the calibration text is another domain,
 so it drifts from the target). teal and wina cut the inputs of every
 attention and MLP projection; cats cuts the MLP's gate activations only.
+wina's weight power (the score is ``|x_j| * ||W[:, j]|| ** p``) is chosen per
+level on held-out calibration text, never on the evaluation text; the
+chosen ``p`` is recorded.
 
 Goal (issue 7): the weight-informed method (wina) no worse than plain
 thresholds (teal) at every level.
@@ -54,10 +57,12 @@ def main() -> None:
             value = ppl()
             rows.append({"method": method, "target": level, "perplexity": value, "ratio_to_dense": value / dense,
                          "measured_sparsity": handle.measured_sparsity(), "calibrate_s": calibrate_s,
+                         "weight_power": handle.config.weight_power if method == "wina" else None,
                          "seconds": time.perf_counter() - t0})
             handle.remove()
+            power = f", p={rows[-1]['weight_power']}" if method == "wina" else ""
             print(f"{method:5} {level:.2f}: perplexity {value:8.3f} (x{value / dense:.2f}), measured sparsity "
-                  f"{rows[-1]['measured_sparsity']:.3f} ({rows[-1]['seconds']:.0f} s)", flush=True)
+                  f"{rows[-1]['measured_sparsity']:.3f}{power} ({rows[-1]['seconds']:.0f} s)", flush=True)
     print(f"\n{'method':6} " + " ".join(f"{int(l * 100):>7}%" for l in levels) + f"   (dense {dense:.3f})")
     for method in args.methods.split(","):
         print(f"{method:6} " + " ".join(f"{r['perplexity']:8.2f}" for r in rows if r["method"] == method))

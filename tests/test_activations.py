@@ -56,13 +56,19 @@ def test_thresholds_hold_on_held_out_text(method, sparsity, default_lm):
         handle.remove()
 
 
-def test_wina_scores_weigh_columns(tiny, tokenizer):
-    handle = apply(tiny, "wina", 0.5, tokenizer=tokenizer, samples=1, seq_len=32, targets=("down_proj",))
+@pytest.mark.parametrize("power", [1.0, None])
+def test_wina_scores_weigh_columns(power, tiny, tokenizer):
+    """|x_j| * ||W[:, j]|| ** p: WINA's p = 1 when given; otherwise one of WEIGHT_POWERS, chosen on calibration text."""
+    from sparsa.activations.base import WEIGHT_POWERS
+
+    handle = apply(tiny, "wina", 0.5, tokenizer=tokenizer, samples=4, seq_len=32, targets=("down_proj",), weight_power=power)
     try:
+        p = handle.config.weight_power
+        assert p == 1.0 if power == 1.0 else p in WEIGHT_POWERS
         site = handle.sites[0]
         x = torch.ones(1, site.module.weight.shape[1])
         norms = site.module.weight.norm(dim=0)
-        assert torch.allclose(site.score(x)[0], norms)
+        assert torch.allclose(site.score(x)[0], norms.pow(p), rtol=1e-5)
     finally:
         handle.remove()
 
@@ -76,6 +82,8 @@ def test_bad_input(tiny, tokenizer):
         apply(tiny, "teal", 0.5, tokenizer=tokenizer, targets=("w1",))
     with pytest.raises(InputError, match="tokenizer"):
         apply(tiny, "teal", 0.5)
+    with pytest.raises(InputError, match="weight_power"):
+        apply(tiny, "wina", 0.5, tokenizer=tokenizer, weight_power=-1.0)
 
 
 GEMV_BODY = r"""

@@ -25,6 +25,7 @@ __all__ = ["ACTIVATION_METHODS", "ActivationConfig", "Site", "in_decoder_layer",
 
 ACTIVATION_METHODS: Registry[Callable] = Registry("activation sparsity method")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+WEIGHT_POWERS = (0.25, 0.5, 1.0)  # the weight-informed scores tried when weight_power is None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,11 +38,15 @@ class ActivationConfig:
     seq_len: int = 512
     seed: int = 0
     values_per_batch: int = 16384  # scores kept per site and calibration batch (a random sample)
+    # wina: the score is |x_j| * ||W[:, j]|| ** weight_power; None: the power among WEIGHT_POWERS with the
+    # lowest loss on held-out calibration text
+    weight_power: float | None = None
 
     def __post_init__(self) -> None:
         require(0.0 <= self.sparsity < 1.0, f"activation sparsity must be in [0, 1), got {self.sparsity}; give a fraction such as 0.5")
         require(bool(self.targets), "targets is empty; name at least one linear layer, e.g. down_proj")
         require(self.samples >= 1 and self.seq_len >= 8, "need samples >= 1 and seq_len >= 8 for calibration")
+        require(self.weight_power is None or self.weight_power >= 0, "weight_power must be >= 0 (or None to calibrate it)")
 
 
 @dataclasses.dataclass
@@ -64,12 +69,18 @@ class Site:
         require(self.threshold is not None, f"{self.name} is not calibrated yet")
         if self.scale is None:
             return torch.full((channels,), self.threshold, dtype=torch.float32)
-        return self.threshold / self.scale.detach().float().cpu().clamp_min(1e-30)
+        return self._scaled_thresholds().cpu()
+
+    def _scaled_thresholds(self) -> torch.Tensor:
+        return self.threshold / self.scale.detach().float().clamp_min(1e-30)
 
     def cut(self, x: torch.Tensor, track: bool) -> torch.Tensor:
         if self.threshold is None:
             return x
-        keep = self.score(x) >= self.threshold
+        if self.scale is None:
+            keep = x.abs() >= self.threshold
+        else:  # |x_j| against threshold / scale_j in float32: the comparison the kernels make, bit for bit
+            keep = x.abs().float() >= self._scaled_thresholds().to(x.device)
         if track:
             self.zeros += int((~keep).sum())
             self.total += keep.numel()
