@@ -89,39 +89,44 @@ def search(x, wts, thr, ref):
     return min(timed, key=lambda t: t[0])[1]
 
 
-def tune(n: int, k: int):
-    """Search a configuration for an ``(n, k)`` layer at 50% on random weights (for the end-to-end shapes)."""
+def random_layer(n: int, k: int, seed: int):
+    """A token and enough copies of a random ``(n, k)`` weight (with their transposes) that no call finds its
+    weight in L2 (50 MB on an H100), as in a model; and the generator, for drawing cuts."""
     from sparsa.kernels.sparse_gemv import transpose_weight
 
-    g = torch.Generator(device="cuda").manual_seed(n * k)
-    wts = [transpose_weight(torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02)
-           for _ in range(max(2, math.ceil(L2_EVICT_BYTES / (n * k * 2))))]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    copies = max(2, math.ceil(L2_EVICT_BYTES / (n * k * 2)))
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02 for _ in range(copies)]
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=g)
-    thr = torch.where(torch.rand(k, device="cuda", generator=g) < 0.5, float("inf"), 0.0).float()
-    ref = (x.double() * (x.abs().float() >= thr)) @ wts[0].double()
+    return x, ws, [transpose_weight(w) for w in ws], g
+
+
+def random_cut(x, w, level: float, g):
+    """Per-channel thresholds that cut ``level`` of the channels at random, and the float64 reference product."""
+    thr = torch.where(torch.rand(x.shape[-1], device="cuda", generator=g) < level, float("inf"), 0.0).float()
+    keep = x.abs().float() >= thr
+    return thr, keep, (x.double() * keep) @ w.double().T
+
+
+def tune(n: int, k: int):
+    """Search a configuration for an ``(n, k)`` layer at 50% on random weights (for the end-to-end shapes)."""
+    x, ws, wts, g = random_layer(n, k, n * k)
+    thr, _, ref = random_cut(x, ws[0], 0.5, g)
     return search(x, wts, thr, ref)
 
 
 def layer_rows() -> tuple[list[dict], dict]:
     from triton.testing import do_bench
 
-    from sparsa.kernels.sparse_gemv import sparse_gemv, transpose_weight
+    from sparsa.kernels.sparse_gemv import sparse_gemv
 
     rows, tuned = [], {}
     for label, n, k in SHAPES:
-        # enough weight copies that no call finds its weight in L2 (50 MB on an H100), as in a model
-        copies = max(2, math.ceil(L2_EVICT_BYTES / (n * k * 2)))
-        g = torch.Generator(device="cuda").manual_seed(n + k)
-        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02 for _ in range(copies)]
-        wts = [transpose_weight(w) for w in ws]
-        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=g)
+        x, ws, wts, g = random_layer(n, k, n + k)
         dense_us = graph_us([lambda w=w: F.linear(x, w) for w in ws])
         best = None
         for level in (0.5, *[lv for lv in LEVELS if lv != 0.5]):
-            # per-channel thresholds that cut `level` of this token's channels
-            thr = torch.where(torch.rand(k, device="cuda", generator=g) < level, float("inf"), 0.0).float()
-            keep = x.abs().float() >= thr
-            ref = (x.double() * keep) @ ws[0].double().T
+            thr, keep, ref = random_cut(x, ws[0], level, g)
 
             def gather():
                 xc = x * keep
@@ -135,7 +140,7 @@ def layer_rows() -> tuple[list[dict], dict]:
             out = sparse_gemv(x, wts[0], threshold=thr, config=best)
             error = ((out.double() - ref).norm() / ref.norm()).item()
             ours_us = graph_us(_calls(x, wts, thr, best))
-            row = {"layer": label, "n": n, "k": k, "sparsity": level, "active": int(keep.sum()), "weight_copies": copies,
+            row = {"layer": label, "n": n, "k": k, "sparsity": level, "active": int(keep.sum()), "weight_copies": len(ws),
                    "dense_us": dense_us, "gather_us": gather_us, "ours_us": ours_us, "config": vars(best), "error": error,
                    "ours_speedup": dense_us / ours_us, "gather_speedup": dense_us / gather_us}
             rows.append(row)

@@ -194,12 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration samples (default: 0)")
     p.add_argument("--dsnot-base", default="wanda", help="with --method dsnot: the method whose mask DSnoT refines (default: wanda)")
     p.add_argument("--compute-device", default=None, help="device that runs each layer while the model stays on --device (e.g. cuda with --device cpu)")
-    p.add_argument("--checkpoint-dir", default=None, help="write a checkpoint after each layer here")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from --checkpoint-dir")
-    p.add_argument("--out", default=None, help="save the pruned model here (HF directory + sparsa.json)")
-    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
-    _eval_args(p, "eval-")
+    _run_output_args(p, "write a checkpoint after each layer here", "pruned")
 
     p = sub.add_parser("eval", help="perplexity on text, or lm-evaluation-harness tasks", description="Evaluate a model: perplexity over non-overlapping windows of a text, or lm-evaluation-harness tasks.", epilog=EPILOG_EVAL, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_arg(p)
@@ -233,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_output_args(p, checkpoint_help: str, made: str) -> None:
+    """What a long run that changes a model (prune, train) writes, and its before/after evaluation."""
+    p.add_argument("--checkpoint-dir", default=None, help=checkpoint_help)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from --checkpoint-dir")
+    p.add_argument("--out", default=None, help=f"save the {made} model here (HF directory + sparsa.json)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
+    _eval_args(p, "eval-")
+
+
 def _add_train_parser(sub) -> None:
     from .train import TRAIN_METHODS
 
@@ -250,12 +255,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--sparsity", type=_unit_interval, default=0.5, help="for --prune with --pattern unstructured, rigl, set and imp (default: 0.5)")
     p.add_argument("--teacher", default=None, help="the dense model to distil from, when not pruning in the same run")
     p.add_argument("--set", dest="settings", nargs="*", default=[], metavar="KEY=VALUE", help="other TrainConfig fields, e.g. update_every=20 rounds=4 soup_size=3")
-    p.add_argument("--checkpoint-dir", default=None, help="write checkpoints here (every --set checkpoint_every=N steps, and at the end)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run from --checkpoint-dir")
-    p.add_argument("--out", default=None, help="save the trained model here (HF directory + sparsa.json)")
-    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
-    p.add_argument("--no-eval", action="store_true", help="skip the before/after perplexity")
-    _eval_args(p, "eval-")
+    _run_output_args(p, "write checkpoints here (every --set checkpoint_every=N steps, and at the end)", "trained")
 
 
 # -- commands ----------------------------------------------------------------------------

@@ -127,15 +127,15 @@ def apply(lm, method: str = "teal", sparsity: float = 0.5, *, tokenizer=None, te
     tokenizer = tokenizer or (lm.tokenizer if isinstance(lm, LoadedModel) else None)
     require(tokenizer is not None, "activation sparsity calibrates on text: pass a LoadedModel or tokenizer=")
     config = ActivationConfig(method=method, sparsity=sparsity, **options)
-    sites = ACTIVATION_METHODS.get(config.method)(model, config)
-    if any(type(s.module).__name__ == "SparseLinear24" for s in sites):
-        warnings.warn("sparsa.activations: inputs of 2:4 layers are cut too, but the 2:4 kernels read every weight "
-                      "group regardless, so the two sparsities do not combine into more speed", RuntimeWarning, stacklevel=2)
+    make_sites = ACTIVATION_METHODS.get(config.method)
     body = text if text is not None else load_text(config.calibration if config.calibration != "shipped" else "calibration")
     batches = calibration_samples(tokenizer, body, config.samples, config.seq_len, config.seed)
     if config.method == "wina" and config.weight_power is None and config.sparsity > 0:
         config = dataclasses.replace(config, weight_power=_best_weight_power(model, batches, config))
-        sites = ACTIVATION_METHODS.get(config.method)(model, config)
+    sites = make_sites(model, config)
+    if any(type(s.module).__name__ == "SparseLinear24" for s in sites):
+        warnings.warn("sparsa.activations: inputs of 2:4 layers are cut too, but the 2:4 kernels read every weight "
+                      "group regardless, so the two sparsities do not combine into more speed", RuntimeWarning, stacklevel=2)
     _calibrate(model, sites, batches, config)
     handle = ActivationSparsity(config, sites)
     handle.install()

@@ -31,7 +31,3 @@ class MaskCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         if model is not None:
             self.masks.apply(model)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if model is not None:
-            self.masks.apply(model)
