@@ -21,7 +21,8 @@ never waits for; a second small kernel casts the accumulator to the output
 and zeroes it again, so it is ready for the next call (the accumulator is
 kept per device: launches on different streams at once must not share a
 device). Counting arrivals so that the last program sums a workspace, as
-the 2:4 kernels do, measured 1.1x dense instead of 1.6x here: every short
+the 2:4 kernels do, measured 1.1x dense instead of 1.75x here
+(``benchmarks/results/activation_speed_splitk_counters.json``): every short
 program then waits for a fenced atomic. The float32 atomics make the
 summation order, and so the last bits of the output, vary from run to run.
 """
