@@ -225,10 +225,12 @@ for dtype in (torch.float32, torch.bfloat16):
         for name, settings in (("streaming", dict(local_blocks=1)), ("antidiagonal", dict(stride=4, threshold=0.6)), ("quest", dict(pages=1000))):
             mask = make_pattern(name, block_size=block, **settings).mask(q, k.repeat_interleave(2, 1))
             ref = attend(q.double(), k.double(), v.double(), mask, backend="reference")
-            out = attend(q, k, v, mask, backend="triton", block_m=block_m)
-            err = ((out.double() - ref).norm() / ref.norm()).item()
-            assert err < (1e-5 if dtype == torch.float32 else 2e-2), (dtype, lq, lk, name, err)
-            worst = max(worst, err)
+            # pointer loads, and TMA descriptors (power-of-two head dims) with keys taken 16 at a time
+            for launch in [dict(tma=False)] + ([dict(tma=True, inner=16)] if d & (d - 1) == 0 else []):
+                out = attend(q, k, v, mask, backend="triton", block_m=block_m, **launch)
+                err = ((out.double() - ref).norm() / ref.norm()).item()
+                assert err < (1e-5 if dtype == torch.float32 else 2e-2), (dtype, lq, lk, name, launch, err)
+                worst = max(worst, err)
 print(f"attention interpreter ok, worst {worst:.2e}")
 """
 
@@ -237,6 +239,69 @@ def test_triton_block_sparse_kernel_under_the_interpreter(tmp_path):
     from triton_interpreter import run_interpreted
 
     assert "attention interpreter ok" in run_interpreted(TRITON_BODY, tmp_path)
+
+
+ANTIDIAGONAL_BODY = r"""
+import math
+import torch
+from sparsa.attention.antidiagonal import block_mass
+from sparsa.attention.masks import block_aligned
+from sparsa.kernels.antidiagonal_scores import antidiagonal_block_mass
+
+torch.manual_seed(0)
+worst = 0.0
+# (q rows, keys, head dim, block, stride): lengths off the block grid, queries that are a suffix, PER = 1 .. 16
+for lq, lk, d, block, stride in ((200, 200, 16, 32, 8), (90, 300, 32, 16, 4), (64, 64, 16, 16, 16), (130, 257, 64, 64, 4)):
+    q = torch.randn(1, 2, lq, d)
+    k = torch.randn(1, 2, lk, d)
+    qp, kp, _ = block_aligned(q, k, block)
+    row0 = (lk - lq) // block * block // stride
+    scale = 1.0 / (math.sqrt(d) * stride)
+    ref = block_mass(qp.double(), kp.double(), stride, block, row0, lk, scale)
+    got = antidiagonal_block_mass(qp, kp, stride, block, row0, lk, scale)
+    assert got.shape == ref.shape, (got.shape, ref.shape)
+    err = (got.double() - ref).abs().max().item()
+    assert err < 1e-4, (lq, lk, d, block, stride, err)
+    worst = max(worst, err)
+print(f"antidiagonal interpreter ok, worst {worst:.2e}")
+"""
+
+
+def test_fused_antidiagonal_scoring_under_the_interpreter(tmp_path):
+    """The Triton scoring kernel equals the stock-op block sums (float64) on fresh random inputs."""
+    from triton_interpreter import run_interpreted
+
+    assert "antidiagonal interpreter ok" in run_interpreted(ANTIDIAGONAL_BODY, tmp_path)
+
+
+LINE_SCORES_BODY = r"""
+import math
+import torch
+from sparsa.attention.base import last_queries_softmax
+from sparsa.attention.vertical_slash import column_and_diagonal_scores
+from sparsa.kernels import line_scores as ls
+
+ls.CHUNK_KEYS = 128  # several key chunks in pass 1 at these small lengths
+torch.manual_seed(0)
+worst = 0.0
+# (queries, keys, last n, head dim): n == all queries, n < queries, lengths off any tile
+for lq, lk, n, d in ((16, 16, 16, 16), (100, 300, 16, 32), (64, 200, 32, 16)):
+    q = torch.randn(1, 2, lq, d)
+    k = torch.randn(1, 2, lk, d)
+    columns, diagonals = column_and_diagonal_scores(last_queries_softmax(q.double(), k.double(), n), lk)
+    got_c, got_d = ls.last_query_line_scores(q[..., lq - n :, :], k, lk, 1.0 / math.sqrt(d))
+    err = max((got_c.double() - columns).abs().max().item(), (got_d.double() - diagonals).abs().max().item())
+    assert err < 1e-4, (lq, lk, n, d, err)
+    worst = max(worst, err)
+print(f"line scores interpreter ok, worst {worst:.2e}")
+"""
+
+
+def test_fused_line_scores_under_the_interpreter(tmp_path):
+    """The Triton column/diagonal kernels equal the stock-op scores (float64) on fresh random inputs."""
+    from triton_interpreter import run_interpreted
+
+    assert "line scores interpreter ok" in run_interpreted(LINE_SCORES_BODY, tmp_path)
 
 
 def test_antidiagonal_scores_equal_the_strided_definition():

@@ -33,3 +33,44 @@ def test_backends_match_float64(name, lq, lk, backend):
     assert out.shape == q.shape and torch.isfinite(out).all()
     err = ((out.double() - ref).norm() / ref.norm()).item()
     assert err < 2e-2, err
+
+
+@pytest.mark.parametrize("lq,lk,stride", [(4096, 4096, 8), (1000, 3000, 16), (777, 777, 4)])
+def test_fused_antidiagonal_scoring_matches_stock_ops(lq, lk, stride):
+    """The Triton scoring kernel's block sums equal the stock-op definition in float64 (bf16 inputs)."""
+    import math
+
+    from sparsa.attention.antidiagonal import block_mass
+    from sparsa.attention.masks import block_aligned
+    from sparsa.kernels.antidiagonal_scores import antidiagonal_block_mass
+
+    g = torch.Generator(device="cuda").manual_seed(lq + stride)
+    q = torch.randn(1, 8, lq, 128, device="cuda", generator=g).to(torch.bfloat16)
+    k = torch.randn(1, 8, lk, 128, device="cuda", generator=g).to(torch.bfloat16)
+    block = 128
+    qp, kp, _ = block_aligned(q, k, block)
+    row0 = (lk - lq) // block * block // stride
+    scale = 1.0 / (math.sqrt(128) * stride)
+    ref = block_mass(qp.double(), kp.double(), stride, block, row0, lk, scale)
+    got = antidiagonal_block_mass(qp, kp, stride, block, row0, lk, scale)
+    assert got.shape == ref.shape
+    # each row of the block sums holds block / stride units of probability
+    assert (got.double() - ref).abs().max().item() < 1e-3 * block / stride
+
+
+@pytest.mark.parametrize("lq,lk,n", [(5000, 5000, 128), (300, 4099, 64)])
+def test_fused_line_scores_match_stock_ops(lq, lk, n):
+    """The Triton column/diagonal scores equal the stock-op scores in float64 (bf16 inputs)."""
+    import math
+
+    from sparsa.attention.base import last_queries_softmax
+    from sparsa.attention.vertical_slash import column_and_diagonal_scores
+    from sparsa.kernels.line_scores import last_query_line_scores
+
+    g = torch.Generator(device="cuda").manual_seed(lq + n)
+    q = torch.randn(1, 8, lq, 128, device="cuda", generator=g).to(torch.bfloat16)
+    k = torch.randn(1, 8, lk, 128, device="cuda", generator=g).to(torch.bfloat16)
+    columns, diagonals = column_and_diagonal_scores(last_queries_softmax(q.double(), k.double(), n), lk)
+    got_c, got_d = last_query_line_scores(q[..., lq - n :, :], k, lk, 1.0 / math.sqrt(128))
+    assert (got_c.double() - columns).abs().max().item() < 1e-3 * n
+    assert (got_d.double() - diagonals).abs().max().item() < 1e-3 * n

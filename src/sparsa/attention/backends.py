@@ -92,10 +92,14 @@ def _flex_fn(device: torch.device):
 
 
 def kept_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query block, how many key blocks are kept and which (ascending, first ``count`` entries): int32."""
-    counts = blocks.sum(-1).to(torch.int32)
-    indices = blocks.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)
-    return counts, indices
+    """Per query block, how many key blocks are kept and which (ascending, in the first ``count`` entries; the rest 0): int32."""
+    counts = blocks.sum(-1, dtype=torch.int32)
+    kb = blocks.shape[-1]
+    # a kept block goes to its rank among the kept ones, every other to a spare last column (a sort costs 5x more)
+    slot = torch.where(blocks, blocks.cumsum(-1) - 1, kb)
+    indices = torch.zeros((*blocks.shape[:-1], kb + 1), dtype=torch.int32, device=blocks.device)
+    indices.scatter_(-1, slot, torch.arange(kb, dtype=torch.int32, device=blocks.device).expand(blocks.shape))
+    return counts, indices[..., :kb]
 
 
 def to_flex(mask: BlockMask, q_rows: int):

@@ -19,9 +19,9 @@ import math
 import torch
 
 from ..errors import require
-from .base import PATTERNS, PatternBase, last_queries_softmax
+from .base import PATTERNS, PatternBase
 from .masks import BlockMask, block_aligned, finalize, pool_blocks, top_cumulative
-from .vertical_slash import column_and_diagonal_scores, lines_to_blocks
+from .vertical_slash import line_scores, lines_to_blocks
 
 __all__ = ["FlexPrefill", "js_divergence"]
 
@@ -53,9 +53,8 @@ class FlexPrefill(PatternBase):
         bs = self.block_size
         kb = -(-lk // bs)
         last = min(bs, lq)
-        probs = last_queries_softmax(q, k, last)  # [B, H, last, Lk]
-        columns, diagonals = column_and_diagonal_scores(probs, lk)
-        true_blocks = torch.nn.functional.pad(columns, (0, kb * bs - lk)).reshape(*probs.shape[:2], kb, bs).sum(-1)
+        columns, diagonals, total = line_scores(q, k, last)  # [B, H, Lk] each; each query's row sums to 1
+        true_blocks = torch.nn.functional.pad(columns, (0, kb * bs - lk)).reshape(*columns.shape[:2], kb, bs).sum(-1)
         true_blocks = true_blocks / true_blocks.sum(-1, keepdim=True)
 
         qp, kp, _ = block_aligned(q, k, bs)
@@ -67,7 +66,6 @@ class FlexPrefill(PatternBase):
         trusted = js_divergence(estimate[..., -1, :], true_blocks) < self.divergence  # [B, H]
 
         query_aware = top_cumulative(estimate, self.coverage)
-        total = probs.shape[-2]  # each row of probs sums to 1
         shared = lines_to_blocks(top_cumulative(columns / total, self.coverage),
                                  top_cumulative(diagonals / total, self.coverage), lq, lk, bs)
         blocks = torch.where(trusted[..., None, None], query_aware, shared)

@@ -14,27 +14,49 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+import math
+
 import torch
 
 from ..errors import require
+from ..kernels.line_scores import HAVE_TRITON, last_query_line_scores
 from .base import PATTERNS, PatternBase, last_queries_softmax
 from .masks import BlockMask, _query_block_starts, finalize
 
-__all__ = ["VerticalSlash", "column_and_diagonal_scores", "lines_to_blocks"]
+__all__ = ["VerticalSlash", "column_and_diagonal_scores", "line_scores", "lines_to_blocks"]
 
 
 def column_and_diagonal_scores(probs: torch.Tensor, k_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-column and per-diagonal probability mass ``[B, H, Lk]`` each, from the last queries' ``probs [B, H, n, Lk]``."""
     n = probs.shape[-2]
     columns = probs.sum(dim=-2)
-    # Query row r sits at position k_len - n + r; with the keys reversed (column c is key k_len - 1 - c)
-    # its diagonal offset is c - (n - 1 - r), so each row adds one contiguous slice (no scatter).
-    reversed_keys = probs.flip(-1)
-    diagonals = torch.zeros_like(columns)
-    for r in range(n):
-        shift = n - 1 - r
-        diagonals[..., : k_len - shift] += reversed_keys[..., r, shift:]
+    # Query row r sits at position k_len - n + r, so key j is on diagonal (k_len - n + r) - j. Read
+    # against reversed offsets c' = k_len - 1 - offset, row r needs key r - (n - 1) + c': with n - 1
+    # zero columns in front, that is element r + c' of the padded row, so a view whose row stride is
+    # one longer than the padded row lines every diagonal up in one column, and one sum adds them.
+    padded = torch.nn.functional.pad(probs, (n - 1, 0)).contiguous()
+    width = padded.shape[-1]
+    skewed = padded.as_strided((*probs.shape[:-2], n, k_len), (*padded.stride()[:-2], width + 1, 1))
+    diagonals = skewed.sum(dim=-2).flip(-1)
     return columns, diagonals
+
+
+def line_scores(q: torch.Tensor, k: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Column and diagonal scores of the last ``count`` queries' causal attention, and how many queries that was.
+
+    On a GPU (half precision, power-of-two ``count`` and head dim) one fused
+    Triton pass computes them without writing the probabilities out.
+    """
+    lk = k.shape[-2]
+    n = min(count, q.shape[-2])
+    d = q.shape[-1]
+    fused = (HAVE_TRITON and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype
+             and n >= 16 and not n & (n - 1) and d >= 16 and not d & (d - 1))
+    if fused:
+        columns, diagonals = last_query_line_scores(q[..., q.shape[-2] - n :, :], k, lk, 1.0 / math.sqrt(d))
+    else:
+        columns, diagonals = column_and_diagonal_scores(last_queries_softmax(q, k, n), lk)
+    return columns, diagonals, n
 
 
 def lines_to_blocks(columns: torch.Tensor, diagonals: torch.Tensor, q_len: int, k_len: int, block: int) -> torch.Tensor:
@@ -77,8 +99,7 @@ class VerticalSlash(PatternBase):
 
     def mask(self, q: torch.Tensor, k: torch.Tensor) -> BlockMask:
         lq, lk = q.shape[-2], k.shape[-2]
-        probs = last_queries_softmax(q, k, self.last_q)
-        columns, diagonals = column_and_diagonal_scores(probs, lk)
+        columns, diagonals, _ = line_scores(q, k, self.last_q)
         diagonals[..., 0] = float("inf")  # the main diagonal always (each query sees its neighbourhood)
         blocks = lines_to_blocks(_top(columns, self.vertical), _top(diagonals, self.slash), lq, lk, self.block_size)
         return finalize(blocks, lq, lk, self.block_size)

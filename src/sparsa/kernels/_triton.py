@@ -3,11 +3,13 @@
 try:
     import triton
     import triton.language as tl
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
     HAVE_TRITON = True
 except ImportError:  # pragma: no cover - depends on the environment
     triton = None
     tl = None
+    TensorDescriptor = None
     HAVE_TRITON = False
 
-__all__ = ["HAVE_TRITON", "tl", "triton"]
+__all__ = ["HAVE_TRITON", "TensorDescriptor", "tl", "triton"]
