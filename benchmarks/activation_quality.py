@@ -1,6 +1,6 @@
 """Perplexity of activation-sparse SmolLM2-135M against dense, for every method at 25/40/50/65% (CPU).
 
-    PYTHONPATH=src python benchmarks/activation_quality.py [--levels 0.25,0.4,0.5,0.65] [--name activation_quality]
+    PYTHONPATH=src python benchmarks/activation_quality.py [--levels 0.25,0.4,0.5,0.65] [--allocations uniform,greedy]
 
 Each method calibrates per-site thresholds on the shipped calibration text
 (16 x 512 tokens) and is evaluated on the shipped evaluation text (20,480
@@ -9,11 +9,14 @@ measured on the evaluation text (the calibration text is another domain,
 so it drifts from the target). teal and wina cut the inputs of every
 attention and MLP projection; cats cuts the MLP's gate activations only.
 wina's weight power (the score is ``|x_j| * ||W[:, j]|| ** p``) is chosen per
-level on held-out calibration text, never on the evaluation text; the
-chosen ``p`` is recorded.
+level on held-out calibration text (with uniform allocation), never on the
+evaluation text; the chosen ``p`` is recorded. teal and wina also run with
+greedy per-layer allocation (TEAL's: each layer's sites get different
+sparsities, the layer's weight-weighted mean stays at the target; cats has one
+site a layer, so greedy changes nothing there).
 
 Goal (issue 7): the weight-informed method (wina) no worse than plain
-thresholds (teal) at every level.
+thresholds (teal) at every level, compared with the same allocation.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--levels", default="0.25,0.4,0.5,0.65")
     parser.add_argument("--methods", default="teal,wina,cats")
+    parser.add_argument("--allocations", default="uniform,greedy", help="uniform and/or greedy (greedy: teal and wina only)")
     parser.add_argument("--max-tokens", type=int, default=20480)
     parser.add_argument("--name", default="activation_quality")
     args = parser.parse_args()
@@ -48,29 +52,33 @@ def main() -> None:
     print(f"dense perplexity {dense:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     rows = []
     levels = [float(v) for v in args.levels.split(",")]
-    for method in args.methods.split(","):
+    runs = [(m, a) for a in args.allocations.split(",") for m in args.methods.split(",") if a == "uniform" or m != "cats"]
+    for method, allocation in runs:
         for level in levels:
             t0 = time.perf_counter()
-            handle = apply(lm, method, level)
+            handle = apply(lm, method, level, allocation=allocation)
             calibrate_s = time.perf_counter() - t0
             handle.start_tracking()
             value = ppl()
-            rows.append({"method": method, "target": level, "perplexity": value, "ratio_to_dense": value / dense,
-                         "measured_sparsity": handle.measured_sparsity(), "calibrate_s": calibrate_s,
-                         "weight_power": handle.config.weight_power if method == "wina" else None,
+            rows.append({"method": method, "allocation": allocation, "target": level, "perplexity": value,
+                         "ratio_to_dense": value / dense, "measured_sparsity": handle.measured_sparsity(),
+                         "measured_weight_sparsity": handle.measured_weight_sparsity(),
+                         "calibrate_s": calibrate_s, "weight_power": handle.config.weight_power if method == "wina" else None,
                          "seconds": time.perf_counter() - t0})
             handle.remove()
             power = f", p={rows[-1]['weight_power']}" if method == "wina" else ""
-            print(f"{method:5} {level:.2f}: perplexity {value:8.3f} (x{value / dense:.2f}), measured sparsity "
-                  f"{rows[-1]['measured_sparsity']:.3f}{power} ({rows[-1]['seconds']:.0f} s)", flush=True)
-    print(f"\n{'method':6} " + " ".join(f"{int(l * 100):>7}%" for l in levels) + f"   (dense {dense:.3f})")
-    for method in args.methods.split(","):
-        print(f"{method:6} " + " ".join(f"{r['perplexity']:8.2f}" for r in rows if r["method"] == method))
+            print(f"{method:5} {allocation:7} {level:.2f}: perplexity {value:8.3f} (x{value / dense:.2f}), measured sparsity "
+                  f"{rows[-1]['measured_sparsity']:.3f} (weight-weighted {rows[-1]['measured_weight_sparsity']:.3f}){power} ({rows[-1]['seconds']:.0f} s)", flush=True)
+    print(f"\n{'method':16} " + " ".join(f"{int(l * 100):>7}%" for l in levels) + f"   (dense {dense:.3f})")
+    for method, allocation in runs:
+        print(f"{method + ' ' + allocation:16} " + " ".join(f"{r['perplexity']:8.2f}" for r in rows
+                                                           if (r["method"], r["allocation"]) == (method, allocation)))
     goals = []
-    for level in levels:
-        by = {r["method"]: r["perplexity"] for r in rows if r["target"] == level}
-        if "wina" in by and "teal" in by:
-            goals.append(goal(f"wina / teal perplexity at {int(level * 100)}%", by["wina"] / by["teal"], 1.0))
+    for allocation in args.allocations.split(","):
+        for level in levels:
+            by = {r["method"]: r["perplexity"] for r in rows if r["target"] == level and r["allocation"] == allocation}
+            if "wina" in by and "teal" in by:
+                goals.append(goal(f"{allocation}: wina / teal perplexity at {int(level * 100)}%", by["wina"] / by["teal"], 1.0))
     write_results(args.name, {"model": lm.info.summary(), "dense_perplexity": dense, "eval_tokens": args.max_tokens, "rows": rows}, goals)
     print_goals(goals)
 

@@ -36,27 +36,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sparsa.benchmarking import cuda_median_ms, goal, print_goals, write_results
+from sparsa.benchmarking import goal, print_goals, write_results
+from sparsa.kernels.bench_gemv import CALLS, SHAPES, gemv_row, graph_us, random_cut, random_layer
 
-SHAPES = [("q/o", 4096, 4096), ("gate/up", 14336, 4096), ("down", 4096, 14336)]
 LEVELS = (0.25, 0.5, 0.65)
-CALLS = 20  # calls per graph replay
-L2_EVICT_BYTES = 150_000_000  # three times an H100's L2
-
-
-def graph_us(fns) -> float:
-    """Microseconds per call: ``CALLS`` calls cycling over ``fns``, captured in one CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(CALLS):
-            fns[i % len(fns)]()
-    return 1000.0 * cuda_median_ms(graph.replay, reps=15, warmup=3) / CALLS
 
 
 def configs():
@@ -89,25 +72,6 @@ def search(x, wts, thr, ref):
     return min(timed, key=lambda t: t[0])[1]
 
 
-def random_layer(n: int, k: int, seed: int):
-    """A token and enough copies of a random ``(n, k)`` weight (with their transposes) that no call finds its
-    weight in L2 (50 MB on an H100), as in a model; and the generator, for drawing cuts."""
-    from sparsa.kernels.sparse_gemv import transpose_weight
-
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    copies = max(2, math.ceil(L2_EVICT_BYTES / (n * k * 2)))
-    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02 for _ in range(copies)]
-    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16, generator=g)
-    return x, ws, [transpose_weight(w) for w in ws], g
-
-
-def random_cut(x, w, level: float, g):
-    """Per-channel thresholds that cut ``level`` of the channels at random, and the float64 reference product."""
-    thr = torch.where(torch.rand(x.shape[-1], device="cuda", generator=g) < level, float("inf"), 0.0).float()
-    keep = x.abs().float() >= thr
-    return thr, keep, (x.double() * keep) @ w.double().T
-
-
 def tune(n: int, k: int):
     """Search a configuration for an ``(n, k)`` layer at 50% on random weights (for the end-to-end shapes)."""
     x, ws, wts, g = random_layer(n, k, n * k)
@@ -118,12 +82,9 @@ def tune(n: int, k: int):
 def layer_rows() -> tuple[list[dict], dict]:
     from triton.testing import do_bench
 
-    from sparsa.kernels.sparse_gemv import sparse_gemv
-
     rows, tuned = [], {}
-    for label, n, k in SHAPES:
+    for label, n, k in SHAPES["8B"]:
         x, ws, wts, g = random_layer(n, k, n + k)
-        dense_us = graph_us([lambda w=w: F.linear(x, w) for w in ws])
         best = None
         for level in (0.5, *[lv for lv in LEVELS if lv != 0.5]):
             thr, keep, ref = random_cut(x, ws[0], level, g)
@@ -137,16 +98,13 @@ def layer_rows() -> tuple[list[dict], dict]:
 
             if best is None:  # search the launch configuration once per shape, at 50%
                 best = tuned[(n, k)] = search(x, wts, thr, ref)
-            out = sparse_gemv(x, wts[0], threshold=thr, config=best)
-            error = ((out.double() - ref).norm() / ref.norm()).item()
-            ours_us = graph_us(_calls(x, wts, thr, best))
-            row = {"layer": label, "n": n, "k": k, "sparsity": level, "active": int(keep.sum()), "weight_copies": len(ws),
-                   "dense_us": dense_us, "gather_us": gather_us, "ours_us": ours_us, "config": vars(best), "error": error,
-                   "ours_speedup": dense_us / ours_us, "gather_speedup": dense_us / gather_us}
+            row = {"layer": label, "n": n, "k": k, "sparsity": level, "active": int(keep.sum()),
+                   **gemv_row(x, ws, wts, thr, ref, best), "gather_us": gather_us}
+            row["gather_speedup"] = row["dense_us"] / gather_us
             rows.append(row)
-            print(f"{label:8} {n:>5}x{k:<5} {int(level * 100):>3}%: dense {dense_us:6.1f} us, gather {gather_us:6.1f} us "
-                  f"({row['gather_speedup']:.2f}x), ours {ours_us:6.1f} us ({row['ours_speedup']:.2f}x) err {error:.1e} {vars(best)}",
-                  flush=True)
+            print(f"{label:8} {n:>5}x{k:<5} {int(level * 100):>3}%: dense {row['dense_us']:6.1f} us, gather {gather_us:6.1f} us "
+                  f"({row['gather_speedup']:.2f}x), ours {row['ours_us']:6.1f} us ({row['ours_speedup']:.2f}x) "
+                  f"err {row['error']:.1e} {vars(best)}", flush=True)
         del ws, wts
         torch.cuda.empty_cache()
     return rows, tuned

@@ -25,9 +25,8 @@ import argparse
 import sys
 
 import torch
-import torch.nn.functional as F
 
-from sparsa.benchmarking import cuda_median_ms, goal, print_goals, write_results
+from sparsa.benchmarking import goal, print_goals, write_results
 
 HEADS, KV_HEADS, DIM, BLOCK = 32, 8, 128, 128
 PATTERNS = [  # (label, pattern, settings)
@@ -42,28 +41,6 @@ TRITON_LAUNCHES = [dict(), dict(num_stages=3), dict(inner=128, num_warps=8, num_
 SPARSITY = 0.95  # of the full L x L block grid, as the issue counts it: ~10% of the causal blocks are kept
 
 
-def random_mask(length: int, sparsity: float, seed: int):
-    """Keep ``1 - sparsity`` of all L x L blocks, drawn from the causal ones (plus the diagonal)."""
-    from sparsa.attention.masks import causal_blocks, finalize
-
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    causal = causal_blocks(length, length, BLOCK, "cuda")
-    p = (1.0 - sparsity) * causal.numel() / float(causal.sum())
-    keep = (torch.rand((1, HEADS, *causal.shape), generator=g, device="cuda") < p) & causal
-    return finalize(keep, length, length, BLOCK)
-
-
-def check(q, k, v, mask, out, blocks: int = 4) -> float:
-    """Relative error of ``out`` on the last query blocks, against the reference backend in float32."""
-    from sparsa.attention import attend
-    from sparsa.attention.masks import BlockMask
-
-    rows = blocks * BLOCK
-    sub = BlockMask(mask.blocks[:, :, -blocks:], BLOCK, rows, mask.k_len)
-    ref = attend(q[:, :, -rows:].float(), k.float(), v.float(), sub, backend="reference")
-    return ((out[:, :, -rows:].float() - ref).norm() / ref.norm()).item()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="32768,65536,131072")
@@ -71,25 +48,22 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("attention_speed.py needs a CUDA GPU")
-    from sparsa.attention import attend, make_pattern
+    from sparsa.attention import make_pattern
+    from sparsa.attention.bench import dense_ms as time_dense
+    from sparsa.attention.bench import pattern_row, random_inputs, random_mask, time_backend
 
     rows, goals = [], []
     for length in [int(v) for v in args.lengths.split(",")]:
         torch.cuda.reset_peak_memory_stats()
-        g = torch.Generator(device="cuda").manual_seed(length)
-        q = torch.randn(1, HEADS, length, DIM, device="cuda", dtype=torch.bfloat16, generator=g)
-        k = torch.randn(1, KV_HEADS, length, DIM, device="cuda", dtype=torch.bfloat16, generator=g)
-        v = torch.randn(1, KV_HEADS, length, DIM, device="cuda", dtype=torch.bfloat16, generator=g)
-        dense_ms = cuda_median_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True))
+        q, k, v = random_inputs(length, HEADS, KV_HEADS, DIM, seed=length)
+        dense_ms = time_dense(q, k, v)
         row = {"length": length, "dense_ms": dense_ms, "fixed_95": {}, "patterns": {}}
-        mask = random_mask(length, SPARSITY, seed=1)
+        mask = random_mask(length, HEADS, BLOCK, SPARSITY, seed=1)
         row["fixed_95"]["density"] = mask.density()
         for backend, launch in [("flex", {})] + [("triton", t) for t in TRITON_LAUNCHES]:
             label = backend + "".join(f" {k.removeprefix('num_')}={v}" for k, v in launch.items())
             try:
-                out = attend(q, k, v, mask, backend=backend, **launch)
-                row["fixed_95"][f"{label}_error"] = check(q, k, v, mask, out)
-                row["fixed_95"][f"{label}_ms"] = cuda_median_ms(lambda: attend(q, k, v, mask, backend=backend, **launch))
+                row["fixed_95"][f"{label}_ms"], row["fixed_95"][f"{label}_error"] = time_backend(q, k, v, mask, backend, **launch)
             except Exception as exc:  # noqa: BLE001 - recorded, the others still run
                 row["fixed_95"][f"{label}_error"] = f"{type(exc).__name__}: {exc}"[:300]
         timed = {key[:-3]: t for key, t in row["fixed_95"].items() if key.endswith("_ms")}
@@ -101,20 +75,11 @@ def main() -> None:
             row["fixed_95"]["triton_ms"] = min(triton_times.values(), default=float("nan"))
             row["fixed_95"]["best_speedup"] = dense_ms / min(timed.values())
             row["fixed_95"]["ideal_speedup"] = 1.0 / row["fixed_95"]["density"]
-        expanded = k.repeat_interleave(HEADS // KV_HEADS, dim=1)
         for label, name, settings in PATTERNS:
-            entry = {"settings": settings}
             try:
-                pattern = make_pattern(name, block_size=BLOCK, **settings)
-                entry["estimate_ms"] = cuda_median_ms(lambda: pattern.mask(q, expanded), reps=3)
-                pmask = pattern.mask(q, expanded)
-                entry["density"] = pmask.density()
-                entry["attend_ms"] = min(cuda_median_ms(lambda: attend(q, k, v, pmask, backend="flex")),
-                                         cuda_median_ms(lambda: attend(q, k, v, pmask, backend="triton", **best_launch)))
-                entry["estimate_over_dense"] = entry["estimate_ms"] / dense_ms
-                entry["speedup_with_estimate"] = dense_ms / (entry["estimate_ms"] + entry["attend_ms"])
+                entry = {"settings": settings, **pattern_row(q, k, v, make_pattern(name, block_size=BLOCK, **settings), dense_ms)}
             except Exception as exc:  # noqa: BLE001
-                entry["error"] = f"{type(exc).__name__}: {exc}"[:300]
+                entry = {"settings": settings, "error": f"{type(exc).__name__}: {exc}"[:300]}
             row["patterns"][label] = entry
             torch.cuda.empty_cache()
         row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -129,7 +94,7 @@ def main() -> None:
             else:
                 print(f"   {name:15} density {e['density']:.3f} estimate {e['estimate_ms']:.1f} ms attend {e['attend_ms']:.1f} ms "
                       f"-> {e['speedup_with_estimate']:.2f}x dense", flush=True)
-        del q, k, v, expanded
+        del q, k, v
         torch.cuda.empty_cache()
         if length == 65536 and "best_speedup" in f95:
             goals.append(goal("64k, 95% sparse: best backend speedup / ideal", f95["best_speedup"] / f95["ideal_speedup"], 0.8, better="higher"))

@@ -141,3 +141,29 @@ def test_kernel_layers_equal_the_hooks(method, tiny, tokenizer):
         assert swapped and all(isinstance(tiny.get_submodule(n), SparseInputLinear) for n in swapped)
         assert torch.allclose(tiny(ids).logits, hooked, atol=1e-4, rtol=1e-4)
     handle.remove()
+
+
+def test_greedy_allocation_lands_on_the_target_per_layer(default_lm):
+    """Greedy (TEAL's) allocation: sites differ, each layer's weight-weighted mean is the target, and it holds on held-out text."""
+    import collections
+    import re
+
+    text = shipped_text("evaluation")
+    half = len(text) // 2
+    handle = apply(default_lm, "teal", 0.5, text=text[:half], samples=4, seq_len=128, targets=("o_proj", "down_proj"),
+                   allocation="greedy", greedy_step=0.25, greedy_tokens=64)
+    try:
+        layers = collections.defaultdict(list)
+        for s in handle.sites:
+            layers[re.search(r"layers\.(\d+)\.", s.name).group(1)].append(s)
+        for sites in layers.values():
+            weights = [s.weight_numel() for s in sites]
+            assert abs(sum(w * s.sparsity for w, s in zip(weights, sites)) / sum(weights) - 0.5) < 1e-9
+        assert len({round(s.sparsity, 6) for s in handle.sites}) > 1  # not uniform
+        handle.start_tracking()
+        ids = tokenize(default_lm.tokenizer, text[half:])
+        with torch.no_grad():
+            default_lm.model(torch.stack([ids[start : start + 256] for start in range(1000, 1000 + 4 * 7919, 7919)]))
+        assert abs(handle.measured_weight_sparsity() - 0.5) <= 0.03, handle.measured_weight_sparsity()
+    finally:
+        handle.remove()

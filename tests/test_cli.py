@@ -173,3 +173,17 @@ def test_eval_with_activation_sparsity(capsys, tiny_dir):
     assert "activation sparsity measured during the evaluation" in err and "perplexity" in out
     code, _, err = run_cli(capsys, "eval", str(tiny_dir), "--activations", "teal", "--activation-sparsity", "1.5")
     assert_one_line_error(code, err, "[0, 1)")
+
+
+def test_eval_with_greedy_activation_allocation(capsys, tiny_dir):
+    code, out, err = run_cli(capsys, "eval", str(tiny_dir), "--activations", "wina", "--activation-sparsity", "0.5",
+                             "--activation-allocation", "greedy", "--max-tokens", "256", "--seq-len", "128")
+    assert code == 0, err
+    assert "greedy allocation" in err and "perplexity" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+@pytest.mark.parametrize("what", ["linear", "attention", "activations"])
+def test_bench_without_a_gpu_is_one_line(capsys, what):
+    code, _, err = run_cli(capsys, "bench", what)
+    assert_one_line_error(code, err, "needs a CUDA GPU")

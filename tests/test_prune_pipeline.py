@@ -64,7 +64,7 @@ def test_resume_is_bit_identical(tiny_dir, tmp_path, monkeypatch):
     from sparsa.prune import pipeline
 
     interrupted = sparsa.load_model(str(tiny_dir))
-    real_run = pipeline._run_layer
+    real_run = pipeline.run_layer
     calls = {"n": 0}
 
     def dying_run(layer, hidden, kwargs):
@@ -73,10 +73,10 @@ def test_resume_is_bit_identical(tiny_dir, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_run(layer, hidden, kwargs)
 
-    monkeypatch.setattr(pipeline, "_run_layer", dying_run)
+    monkeypatch.setattr(pipeline, "run_layer", dying_run)
     with pytest.raises(KeyboardInterrupt):
         sparsa.prune(interrupted, config, checkpoint_dir=tmp_path / "b", progress=False)
-    monkeypatch.setattr(pipeline, "_run_layer", real_run)
+    monkeypatch.setattr(pipeline, "run_layer", real_run)
     assert json.loads((tmp_path / "b" / "state.json").read_text())["next_layer"] == 1
 
     resumed = sparsa.load_model(str(tiny_dir))

@@ -57,12 +57,22 @@ examples:
   sparsa bench linear                            # Llama-3-8B linear shapes, bf16, M = 1 .. 16384
   sparsa bench linear --model 70B --dtype fp16 --tokens 1,4096
   sparsa bench linear --shape 4096x14336 --json down.json
+  sparsa bench attention --lengths 32768,65536   # SDPA vs FlexAttention/Triton on a 95% block mask; every pattern's estimate
+  sparsa bench attention --attention vertical_slash --attention-set vertical=1024 slash=2048
+  sparsa bench activations --activation-sparsity 0.5 --model 70B
 
-Each row: dense cuBLAS, torch's stock semi-structured 2:4 path and sparsa's
-SparseLinear24 (Triton for few tokens, cuSPARSELt for many, dense where that
-measures faster), timed alternately on a random 2:4 weight; ratios are dense
-time over each (> 1 is faster). Needs a CUDA GPU and triton. The first run of
-a shape measures the dispatch and caches it (~/.cache/sparsa).
+linear: each row is dense cuBLAS, torch's stock semi-structured 2:4 path and
+sparsa's SparseLinear24 (Triton for few tokens, cuSPARSELt for many, dense
+where that measures faster), timed alternately on a random 2:4 weight; ratios
+are dense time over each (> 1 is faster). The first run of a shape measures
+the dispatch and caches it (~/.cache/sparsa).
+attention: dense causal SDPA, then FlexAttention and our Triton kernel on a
+random block mask, then each pattern's mask-estimation time on random inputs
+(estimation is what a pattern adds; random inputs spread attention evenly, so
+threshold patterns keep most blocks there, unlike real prompts).
+activations: one decode token through dense cuBLAS and our sparse GEMV with a
+share of input channels cut, CUDA-graph timed as a decode step runs.
+All need a CUDA GPU and triton.
 """
 
 EPILOG_TRAIN = """\
@@ -209,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     _attention_args(p)
     p.add_argument("--activations", default=None, metavar="METHOD", help="activation sparsity during the evaluation: teal, wina or cats (calibrated on the shipped text)")
     p.add_argument("--activation-sparsity", type=_unit_interval, default=0.5, help="with --activations: fraction of activations zeroed, in [0, 1) (default: 0.5)")
+    p.add_argument("--activation-allocation", choices=["uniform", "greedy"], default="uniform",
+                   help="with --activations: every layer input at the same sparsity, or a greedy per-layer search "
+                        "(TEAL's; minutes on CPU) that gives more to the inputs whose cut moves the layer least (default: uniform)")
 
     p = sub.add_parser("inspect", help="sparsity per layer, detected pattern, zero parameters", description="Report a model's architecture, parameter count, global and per-layer sparsity and the sparsity pattern each layer follows.", epilog=EPILOG_INSPECT, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_arg(p)
@@ -216,12 +229,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
     p = sub.add_parser("bench", help="measure sparse kernels against dense on this GPU", description="Measure sparse kernels against dense, side by side, on this machine's GPU.", epilog=EPILOG_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["linear"], help="linear: 2:4 linear layers (dense vs stock vs ours)")
-    p.add_argument("--model", default="8B", choices=["8B", "70B"], help="Llama-3 linear shapes to use (default: 8B)")
-    p.add_argument("--shape", default=None, metavar="NxK", help="one layer shape instead, e.g. 4096x14336 (out x in)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="weight and input dtype (default: bf16)")
-    p.add_argument("--tokens", default="1,16,64,128,1024,4096,16384", help="comma-separated token counts M (default: 1,16,64,128,1024,4096,16384)")
-    p.add_argument("--rep-ms", type=_positive, default=30, help="timing per measurement in ms (default: 30)")
+    p.add_argument("what", choices=["linear", "attention", "activations"],
+                   help="linear: 2:4 linear layers (dense vs stock vs ours); attention: sparse prefill attention "
+                        "(SDPA vs our backends, and mask estimation); activations: the activation-sparse GEMV vs dense")
+    p.add_argument("--model", default="8B", choices=["8B", "70B"], help="linear, activations: Llama-3 layer shapes to use (default: 8B)")
+    p.add_argument("--shape", default=None, metavar="NxK", help="linear, activations: one layer shape instead, e.g. 4096x14336 (out x in)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="linear: weight and input dtype (default: bf16)")
+    p.add_argument("--tokens", default="1,16,64,128,1024,4096,16384", help="linear: comma-separated token counts M (default: 1,16,64,128,1024,4096,16384)")
+    p.add_argument("--rep-ms", type=_positive, default=30, help="linear: timing per measurement in ms (default: 30)")
+    p.add_argument("--activation-sparsity", default="0.25,0.5,0.65", help="activations: comma-separated fractions of input channels cut (default: 0.25,0.5,0.65)")
+    p.add_argument("--lengths", default="16384,32768", help="attention: comma-separated prompt lengths (default: 16384,32768)")
+    p.add_argument("--attention", default=None, metavar="PATTERN", help="attention: one pattern (default: every prefill pattern at its defaults)")
+    p.add_argument("--attention-set", nargs="*", default=[], metavar="KEY=VALUE", help="attention: that pattern's settings, e.g. vertical=1024 slash=2048")
+    p.add_argument("--heads", type=_positive, default=32, help="attention: query heads (default: 32, Llama-3-8B)")
+    p.add_argument("--kv-heads", type=_positive, default=8, help="attention: key-value heads (default: 8)")
+    p.add_argument("--head-dim", type=_positive, default=128, help="attention: head dimension (default: 128)")
+    p.add_argument("--mask-sparsity", type=_unit_interval, default=0.95, help="attention: sparsity of the random block mask the backends are timed on, over the whole L x L grid (default: 0.95)")
     p.add_argument("--json", dest="json_out", default=None, help="also write every case to this JSON file")
     _add_train_parser(sub)
     _add_frontier_parser(sub)
@@ -312,9 +335,10 @@ def cmd_eval(args) -> int:
     if args.activations:
         from .activations import apply as sparsify_activations
 
-        handle = sparsify_activations(lm, args.activations, args.activation_sparsity)
+        handle = sparsify_activations(lm, args.activations, args.activation_sparsity, allocation=args.activation_allocation)
         handle.start_tracking()
-        _say(f"activation sparsity: {args.activations} at {args.activation_sparsity:.0%} (calibrated on the shipped text)")
+        _say(f"activation sparsity: {args.activations} at {args.activation_sparsity:.0%}, {args.activation_allocation} "
+             "allocation (calibrated on the shipped text)")
     if args.longctx:
         from .eval.longctx import evaluate_longctx
 
@@ -385,17 +409,45 @@ def _table_before_after(name: str, rows) -> None:
     ])
 
 
-def _shape(text: str) -> tuple[int, int]:
+def _shape(text: str, k_multiple: int = 1, why: str = "") -> tuple[int, int]:
     try:
         n, k = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise InputError(f"--shape {text!r} is not NxK; give out x in features, e.g. 4096x14336") from None
-    if n <= 0 or k <= 0 or k % 4:
-        raise InputError(f"--shape {text}: both sizes must be positive and K a multiple of 4 for 2:4")
+    if n <= 0 or k <= 0 or k % k_multiple:
+        raise InputError(f"--shape {text}: both sizes must be positive" + (f" and K a multiple of {k_multiple} {why}" if k_multiple > 1 else ""))
     return n, k
 
 
+def _fractions(text: str, flag: str) -> list[float]:
+    try:
+        return [_unit_interval(v) for v in text.split(",") if v.strip()] or [_unit_interval("")]
+    except argparse.ArgumentTypeError as exc:
+        raise InputError(f"{flag}: {exc}") from None
+
+
 def cmd_bench(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise InputError(f"sparsa bench {args.what} needs a CUDA GPU (none found); run it on a GPU machine")
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        raise InputError(f"sparsa bench {args.what} needs triton: pip install 'sparsa[gpu]'") from None
+    result = {"linear": _bench_linear, "attention": _bench_attention, "activations": _bench_activations}[args.what](args)
+    if args.json_out:
+        from .benchmarking import environment
+        from .models.saving import atomic_write_text
+
+        atomic_write_text(args.json_out, json.dumps({**environment(), **result}, indent=1, default=str))
+        _say(f"wrote {args.json_out}")
+    return 0 if result.get("wrong", 0) == 0 else 1
+
+
+def _bench_linear(args) -> dict:
+    import warnings
+
     import torch
 
     from .kernels import bench_linear as bl
@@ -403,15 +455,7 @@ def cmd_bench(args) -> int:
     tokens = _int_list(args.tokens, "--tokens", positive=True)
     shapes = [(args.model, *s) for s in bl.SHAPES[args.model]]
     if args.shape:
-        shapes = [("-", "custom", *_shape(args.shape))]
-    if not torch.cuda.is_available():
-        raise InputError("sparsa bench needs a CUDA GPU (none found); run it on a GPU machine")
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        raise InputError("sparsa bench linear needs triton: pip install 'sparsa[gpu]'") from None
-    import warnings
-
+        shapes = [("-", "custom", *_shape(args.shape, 4, "for 2:4"))]
     warnings.filterwarnings("ignore", message=".*semi.?structured.*")
     cases = []
     _say(f"{torch.cuda.get_device_name()}, {args.dtype}; dispatch measured on first use and cached")
@@ -422,13 +466,70 @@ def cmd_bench(args) -> int:
             print(bl.format_case(case), flush=True)
     summary = bl.summarize(cases)
     print("\n".join(bl.format_summary(summary)))
-    if args.json_out:
-        from .benchmarking import environment
-        from .models.saving import atomic_write_text
+    return {"summary": summary, "cases": cases, "wrong": summary["wrong"]}
 
-        atomic_write_text(args.json_out, json.dumps({**environment(), "summary": summary, "cases": cases}, indent=1, default=str))
-        _say(f"wrote {args.json_out}")
-    return 0 if summary["wrong"] == 0 else 1
+
+def _bench_attention(args) -> dict:
+    import torch
+
+    from .attention import PATTERNS, make_pattern
+    from .attention import bench as ab
+
+    if args.heads % args.kv_heads:
+        raise InputError(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
+    lengths = _int_list(args.lengths, "--lengths", positive=True)
+    if args.attention:
+        patterns = [(args.attention, make_pattern(args.attention, block_size=128, **_settings(args.attention_set)))]
+    elif args.attention_set:
+        raise InputError("--attention-set needs --attention PATTERN")
+    else:
+        patterns = [(name, make_pattern(name, block_size=128)) for name in PATTERNS.names() if PATTERNS.get(name).phase == "prefill"]
+    _say(f"{torch.cuda.get_device_name()}, bf16, {args.heads}/{args.kv_heads} heads of {args.head_dim}, blocks of 128; "
+         "times in ms, speedups over SDPA (random inputs: threshold patterns keep most blocks)")
+    rows, wrong = [], 0
+    for length in lengths:
+        q, k, v = ab.random_inputs(length, args.heads, args.kv_heads, args.head_dim, seed=length)
+        dense = ab.dense_ms(q, k, v)
+        mask = ab.random_mask(length, args.heads, 128, args.mask_sparsity)
+        row = {"length": length, "dense_ms": dense, "mask_density": mask.density(), "backends": {}, "patterns": {}}
+        print(f"L={length}: SDPA {dense:.2f}; random mask at {args.mask_sparsity:.0%} ({mask.density():.1%} of causal blocks):", flush=True)
+        for backend in ("flex", "triton"):
+            ms, error = ab.time_backend(q, k, v, mask, backend)
+            wrong += error > 2e-2
+            row["backends"][backend] = {"ms": ms, "error": error, "speedup": dense / ms}
+            print(f"  {backend:8} {ms:8.2f} ({dense / ms:5.2f}x; ideal {1 / mask.density():5.2f}x) error {error:.1e}", flush=True)
+        for name, pattern in patterns:
+            p = row["patterns"][name] = ab.pattern_row(q, k, v, pattern, dense)
+            print(f"  {name:16} estimate {p['estimate_ms']:7.2f} ({p['estimate_over_dense']:.1%} of SDPA), density "
+                  f"{p['density']:.3f}, attend {p['attend_ms']:7.2f} -> {p['speedup_with_estimate']:.2f}x", flush=True)
+        rows.append(row)
+        del q, k, v, mask
+        torch.cuda.empty_cache()
+    return {"rows": rows, "wrong": wrong}
+
+
+def _bench_activations(args) -> dict:
+    import torch
+
+    from .kernels import bench_gemv as bg
+
+    levels = _fractions(args.activation_sparsity, "--activation-sparsity")
+    shapes = [("custom", *_shape(args.shape))] if args.shape else bg.SHAPES[args.model]
+    _say(f"{torch.cuda.get_device_name()}, bf16, one token; CUDA-graph timed over weight copies that miss L2")
+    print(f"{'layer':8} {'N x K':>12} {'cut':>5} {'dense us':>9} {'ours us':>9} {'dense/ours':>10} {'error':>8}", flush=True)
+    rows, wrong = [], 0
+    for label, n, k in shapes:
+        x, ws, wts, g = bg.random_layer(n, k, n + k)
+        for level in levels:
+            thr, _, ref = bg.random_cut(x, ws[0], level, g)
+            row = {"layer": label, "n": n, "k": k, "sparsity": level, **bg.gemv_row(x, ws, wts, thr, ref)}
+            wrong += row["error"] > 1e-2
+            rows.append(row)
+            print(f"{label:8} {f'{n}x{k}':>12} {level:5.0%} {row['dense_us']:9.1f} {row['ours_us']:9.1f} "
+                  f"{row['ours_speedup']:9.2f}x {row['error']:8.1e}", flush=True)
+        del ws, wts
+        torch.cuda.empty_cache()
+    return {"rows": rows, "wrong": wrong}
 
 
 def _train_settings(pairs: list[str]) -> dict:

@@ -11,7 +11,7 @@ import torch.nn as nn
 from ..errors import require
 from .base import ACTIVATION_METHODS, WEIGHT_POWERS, ActivationConfig, Site
 
-__all__ = ["ActivationSparsity", "apply"]
+__all__ = ["ActivationSparsity", "apply", "score_samples", "threshold_at"]
 
 
 @dataclasses.dataclass
@@ -31,6 +31,11 @@ class ActivationSparsity:
         total = sum(s.total for s in self.sites)
         return sum(s.zeros for s in self.sites) / total if total else 0.0
 
+    def measured_weight_sparsity(self) -> float:
+        """The same, each site weighted by the weights its cut lets a kernel skip (what decoding speed follows)."""
+        pairs = [(s.zeros / s.total, s.weight_numel() or 1) for s in self.sites if s.total]
+        return sum(f * w for f, w in pairs) / sum(w for _, w in pairs) if pairs else 0.0
+
     def start_tracking(self) -> None:
         for s in self.sites:
             s.zeros = s.total = 0
@@ -39,25 +44,12 @@ class ActivationSparsity:
     def install(self) -> None:
         """(Re)install one hook per site."""
         self.remove()
-        self.handles = [_hook(s, self) for s in self.sites]
+        self.handles = [s.install(lambda: self.track) for s in self.sites]
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
         self.handles.clear()
-
-
-def _hook(site: Site, owner: ActivationSparsity):
-    if site.kind == "input":
-        def pre(module, args):
-            return (site.cut(args[0], owner.track), *args[1:])
-
-        return site.module.register_forward_pre_hook(pre)
-
-    def post(module, args, output):
-        return site.cut(output, owner.track)
-
-    return site.module.register_forward_hook(post)
 
 
 def _calibrate(model: nn.Module, sites: list[Site], batches: torch.Tensor, config: ActivationConfig) -> None:
@@ -78,6 +70,13 @@ def _calibrate(model: nn.Module, sites: list[Site], batches: torch.Tensor, confi
 
 
 def _quantiles(model: nn.Module, sites: list[Site], batches: torch.Tensor, config: ActivationConfig) -> None:
+    samples = score_samples(model, sites, batches, config)
+    for site in sites:
+        site.threshold = threshold_at(samples[site.name], config.sparsity if site.sparsity is None else site.sparsity)
+
+
+def score_samples(model: nn.Module, sites: list[Site], batches: torch.Tensor, config: ActivationConfig) -> dict[str, torch.Tensor]:
+    """Per site, a random sample of its scores over the calibration batches (cuts already installed apply), sorted."""
     gen = torch.Generator().manual_seed(config.seed)
     samples: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
 
@@ -102,12 +101,14 @@ def _quantiles(model: nn.Module, sites: list[Site], batches: torch.Tensor, confi
     finally:
         for h in handles:
             h.remove()
-    for site in sites:
-        values = torch.cat(samples[site.name])
-        if config.sparsity > 0:  # the value with a `sparsity` fraction of the sample below it
-            site.threshold = float(values.kthvalue(max(1, round(config.sparsity * values.numel()))).values)
-        else:
-            site.threshold = float("-inf")
+    return {name: torch.cat(values).sort().values for name, values in samples.items()}
+
+
+def threshold_at(sorted_scores: torch.Tensor, sparsity: float) -> float:
+    """The score with a ``sparsity`` fraction of the (sorted) sample below it; -inf at 0 (nothing is cut)."""
+    if sparsity <= 0:
+        return float("-inf")
+    return float(sorted_scores[max(1, round(sparsity * sorted_scores.numel())) - 1])
 
 
 def apply(lm, method: str = "teal", sparsity: float = 0.5, *, tokenizer=None, text: str | None = None, **options) -> ActivationSparsity:
@@ -115,7 +116,7 @@ def apply(lm, method: str = "teal", sparsity: float = 0.5, *, tokenizer=None, te
 
     ``text`` defaults to the shipped calibration text. Options are
     :class:`ActivationConfig` fields (``targets``, ``samples``, ``seq_len``,
-    ``seed``). Returns the handle; ``.remove()`` restores the dense model.
+    ``seed``, ``allocation``, ...). Returns the handle; ``.remove()`` restores the dense model.
     Sparsity 0 installs nothing that changes the output.
     """
     from ..data.calibration import calibration_samples
@@ -133,6 +134,14 @@ def apply(lm, method: str = "teal", sparsity: float = 0.5, *, tokenizer=None, te
     if config.method == "wina" and config.weight_power is None and config.sparsity > 0:
         config = dataclasses.replace(config, weight_power=_best_weight_power(model, batches, config))
     sites = make_sites(model, config)
+    if config.allocation == "greedy" and config.sparsity > 0:
+        from .allocation import greedy_levels
+
+        for site in sites:
+            site.sparsity = None
+        levels = greedy_levels(model, sites, batches, config, score_samples(model, sites, batches, config))
+        for site in sites:
+            site.sparsity = levels[site.name]
     if any(type(s.module).__name__ == "SparseLinear24" for s in sites):
         warnings.warn("sparsa.activations: inputs of 2:4 layers are cut too, but the 2:4 kernels read every weight "
                       "group regardless, so the two sparsities do not combine into more speed", RuntimeWarning, stacklevel=2)

@@ -26,6 +26,7 @@ __all__ = ["ACTIVATION_METHODS", "ActivationConfig", "Site", "in_decoder_layer",
 ACTIVATION_METHODS: Registry[Callable] = Registry("activation sparsity method")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 WEIGHT_POWERS = (0.25, 0.5, 1.0)  # the weight-informed scores tried when weight_power is None
+ALLOCATIONS = ("uniform", "greedy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +42,20 @@ class ActivationConfig:
     # wina: the score is |x_j| * ||W[:, j]|| ** weight_power; None: the power among WEIGHT_POWERS with the
     # lowest loss on held-out calibration text
     weight_power: float | None = None
+    # "uniform": every site at ``sparsity``; "greedy": per decoder layer, sites raised ``greedy_step`` at a
+    # time where the layer's output moves least, until the layer's weight-weighted mean reaches ``sparsity``
+    allocation: str = "uniform"
+    greedy_step: float = 0.1
+    greedy_tokens: int = 512  # calibration tokens the greedy search runs each layer on
 
     def __post_init__(self) -> None:
         require(0.0 <= self.sparsity < 1.0, f"activation sparsity must be in [0, 1), got {self.sparsity}; give a fraction such as 0.5")
         require(bool(self.targets), "targets is empty; name at least one linear layer, e.g. down_proj")
         require(self.samples >= 1 and self.seq_len >= 8, "need samples >= 1 and seq_len >= 8 for calibration")
         require(self.weight_power is None or self.weight_power >= 0, "weight_power must be >= 0 (or None to calibrate it)")
+        require(self.allocation in ALLOCATIONS, f"unknown allocation {self.allocation!r}; choose one of: {', '.join(ALLOCATIONS)}")
+        require(0.0 < self.greedy_step <= 0.5, f"greedy_step must be in (0, 0.5], got {self.greedy_step}")
+        require(self.greedy_tokens >= 8, "greedy_tokens must be >= 8")
 
 
 @dataclasses.dataclass
@@ -58,6 +67,7 @@ class Site:
     kind: str  # "input": the module's (first) input; "output": its output
     scale: torch.Tensor | None = None  # per-channel weight of the score |x_j| * scale_j (None: |x_j|)
     threshold: float | None = None
+    sparsity: float | None = None  # this site's own target (greedy allocation); None: the config's
     zeros: int = 0  # counted while tracking
     total: int = 0
 
@@ -85,6 +95,18 @@ class Site:
             self.zeros += int((~keep).sum())
             self.total += keep.numel()
         return x * keep
+
+
+    def install(self, tracking: Callable[[], bool] = lambda: False):
+        """Cut this site in every forward (a removable hook); ``tracking()`` says whether to count zeros."""
+        if self.kind == "input":
+            return self.module.register_forward_pre_hook(lambda module, args: (self.cut(args[0], tracking()), *args[1:]))
+        return self.module.register_forward_hook(lambda module, args, output: self.cut(output, tracking()))
+
+    def weight_numel(self) -> int:
+        """Weights this site's cut lets a kernel skip in proportion (its linear's, or the MLP's for a gate site)."""
+        module = self.module
+        return module.in_features * module.out_features if hasattr(module, "in_features") else 0
 
 
 def in_decoder_layer(name: str) -> bool:

@@ -51,15 +51,17 @@ if HAVE_TRITON:
         else:
             k = tl.load(k_src + cols[:, None] * skm + dims[None, :])
             v = tl.load(v_src + cols[:, None] * svm + dims[None, :])
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, INNER] float32, log2 units
+        s = tl.dot(q, tl.trans(k))  # [BLOCK_M, INNER] float32, unscaled
         if CAUSAL:
             s = tl.where(c_ok[None, :] & (cols[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing allowed yet
-        p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)  # log2 units
+        m_use = m_new
+        if CAUSAL:  # only here can a row have seen nothing yet
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s * qk_scale - m_use[:, None])  # one fused multiply-add per score
+        alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # accumulated in place on the tensor cores
         return m_new, l_i, acc
 
     @triton.jit

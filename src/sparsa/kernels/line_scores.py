@@ -30,7 +30,7 @@ from ._triton import HAVE_TRITON, tl, triton
 __all__ = ["HAVE_TRITON", "last_query_line_scores"]
 
 LOG2E = 1.4426950408889634
-CHUNK_KEYS = 4096  # keys per program in pass 1
+CHUNK_KEYS = 1024  # keys per program in pass 1 (short: enough programs at 16k tokens)
 
 
 if HAVE_TRITON:

@@ -151,7 +151,17 @@ def capture(lm: LoadedModel, config: PruneConfig, device: str, micro_batch: int 
         digest = hashlib.sha256(text.encode()).hexdigest()
     else:
         digest = hashlib.sha256(samples.cpu().numpy().tobytes()).hexdigest()
-    model = lm.model
+    hidden, layer_kwargs = capture_layer_inputs(lm.model, samples, device, micro_batch)
+    return Calibration(hidden, layer_kwargs, samples.numel(), digest)
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, device: str, micro_batch: int = 8) -> tuple[list[torch.Tensor], list[list[dict]]]:
+    """The first decoder layer's inputs and every layer's keyword arguments, per micro-batch of ``samples``.
+
+    Only the embeddings run: the first layer's call is recorded and the rest
+    of the model is skipped, so any model size fits.
+    """
     adapter = adapter_for(model)
     layers = adapter.layers(model)
     base = getattr(model, model.base_model_prefix)
@@ -184,7 +194,7 @@ def capture(lm: LoadedModel, config: PruneConfig, device: str, micro_batch: int 
         for layer in layers:
             del layer.forward
         _move_back(moved)
-    return Calibration(hidden, layer_kwargs, samples.numel(), digest)
+    return hidden, layer_kwargs
 
 
 def _move_outside_layers(base: nn.Module, layers: nn.ModuleList, device: str) -> list[tuple[nn.Module, torch.device]]:
@@ -207,7 +217,7 @@ def _move_back(moved: list[tuple[nn.Module, torch.device]]) -> None:
 
 # -- the sequential pass -------------------------------------------------------------
 
-def _run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
+def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
     """Replace each micro-batch of ``hidden`` by the layer's output, so inputs and outputs never coexist."""
     for j, kw in enumerate(kwargs):
         out = layer(hidden[j], **kw)
@@ -255,7 +265,7 @@ def _sequential(lm, config, calib, targets, budgets, device, checkpoint_dir, res
             mask = pruner.prune(sparsity)
             per_layer[name] = sparsity_of(mask)
             pruner.free()
-        hidden = _run_layer(layer, hidden, calib.layer_kwargs[i])
+        hidden = run_layer(layer, hidden, calib.layer_kwargs[i])
         _check_hidden(hidden, i)
         layer.to(home)
         if state:
@@ -297,7 +307,7 @@ def activation_norms(model, calib: Calibration, names: list[dict[str, nn.Linear]
             sums[name] += x.reshape(-1, x.shape[-1]).double().pow(2).sum(0)
 
         _collect(layer, hidden, calib.layer_kwargs[i], linears, sink)
-        hidden = _run_layer(layer, hidden, calib.layer_kwargs[i])
+        hidden = run_layer(layer, hidden, calib.layer_kwargs[i])
         layer.to(home)
         result.append({n: s.sqrt().float().cpu() for n, s in sums.items()})
     return result
