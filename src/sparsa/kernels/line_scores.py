@@ -44,18 +44,23 @@ if HAVE_TRITON:
         return tl.where(ok[None, :] & (keys[None, :] <= q_pos[:, None]), s, float("-inf"))
 
     @triton.jit
+    def _head(q_ptr, k_ptr, H, sqb, sqh, sqm, skb, skh, N: tl.constexpr, D: tl.constexpr):
+        """This program's (batch x head) index, its ``N`` queries ``[N, D]`` and its keys' base pointer."""
+        bh = tl.program_id(0)
+        b = bh // H
+        h = bh % H
+        q = tl.load(q_ptr + b * sqb + h * sqh + tl.arange(0, N)[:, None] * sqm + tl.arange(0, D)[None, :])
+        return bh, q, k_ptr + b * skb + h * skh
+
+    @triton.jit
     def _row_stats_kernel(q_ptr, k_ptr, max_ptr, sum_ptr, H, LK, FIRST, CHUNKS, qk_scale,
                           sqb, sqh, sqm, skb, skh, skm,
                           N: tl.constexpr, D: tl.constexpr, BN: tl.constexpr, CHUNK: tl.constexpr):
-        bh = tl.program_id(0)
+        bh, q, k_head = _head(q_ptr, k_ptr, H, sqb, sqh, sqm, skb, skh, N, D)
         chunk = tl.program_id(1)
-        b = bh // H
-        h = bh % H
         dims = tl.arange(0, D)
         rows = tl.arange(0, N)
-        q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqm + dims[None, :])
         q_pos = FIRST + rows
-        k_head = k_ptr + b * skb + h * skh
         run_max = tl.full((N,), float("-inf"), dtype=tl.float32)
         run_sum = tl.zeros((N,), dtype=tl.float32)
         for start in range(chunk * CHUNK, tl.minimum(chunk * CHUNK + CHUNK, LK), BN):
@@ -72,19 +77,16 @@ if HAVE_TRITON:
     def _line_scores_kernel(q_ptr, k_ptr, max_ptr, inv_ptr, col_ptr, diag_ptr, H, LK, FIRST, TILES, qk_scale,
                             sqb, sqh, sqm, skb, skh, skm,
                             N: tl.constexpr, D: tl.constexpr):
-        bh = tl.program_id(0)
+        bh, q, k_head = _head(q_ptr, k_ptr, H, sqb, sqh, sqm, skb, skh, N, D)
         t = tl.program_id(1)
-        b = bh // H
-        h = bh % H
         dims = tl.arange(0, D)
         rows = tl.arange(0, N)
-        q = tl.load(q_ptr + b * sqb + h * sqh + rows[:, None] * sqm + dims[None, :])
         q_pos = FIRST + rows
         row_max = tl.load(max_ptr + bh * N + rows)
         row_inv = tl.load(inv_ptr + bh * N + rows)
         # the window: keys t*N - N .. t*N + N - 1; its last N are this program's columns
         window = t * N - N + tl.arange(0, 2 * N)
-        s = _scores(q, k_ptr + b * skb + h * skh, window, skm, dims, q_pos, LK, qk_scale)
+        s = _scores(q, k_head, window, skm, dims, q_pos, LK, qk_scale)
         p = tl.math.exp2(s - row_max[:, None]) * row_inv[:, None]  # [N, 2N], 0 where forbidden
         _, right = tl.split(tl.permute(tl.reshape(p, (N, 2, N)), (0, 2, 1)))
         cols = t * N + tl.arange(0, N)
