@@ -60,7 +60,7 @@ def time_backend(q, k, v, mask: BlockMask, backend: str, **launch) -> tuple[floa
 def pattern_row(q, k, v, pattern: PatternBase, dense: float, backends=("flex", "triton")) -> dict:
     """A pattern's estimation time, the density it chose, and the best backend's time on its mask."""
     expanded = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-    row = {"estimate_ms": cuda_median_ms(lambda: pattern.mask(q, expanded), reps=3)}
+    row = {"estimate_ms": cuda_median_ms(lambda: pattern.mask(q, expanded), reps=7)}
     mask = pattern.mask(q, expanded)
     del expanded
     row["density"] = mask.density()

@@ -30,7 +30,7 @@ from ._triton import HAVE_TRITON, tl, triton
 __all__ = ["HAVE_TRITON", "last_query_line_scores"]
 
 LOG2E = 1.4426950408889634
-CHUNK_KEYS = 1024  # keys per program in pass 1 (short: enough programs at 16k tokens)
+CHUNK_KEYS = 1024  # the fewest keys per program in pass 1; more where there would be over ~1024 programs
 
 
 if HAVE_TRITON:
@@ -111,12 +111,13 @@ def last_query_line_scores(q_last: torch.Tensor, k: torch.Tensor, k_len: int, sc
         raise ValueError(f"line scores: q {tuple(q_last.shape)}, k {tuple(k.shape)} do not fit")
     q_last, k = (x if x.stride(-1) == 1 else x.contiguous() for x in (q_last, k))
     qk_scale = scale * LOG2E
-    chunks = -(-k_len // CHUNK_KEYS)
+    chunk_keys = max(CHUNK_KEYS, triton.next_power_of_2(-(-k_len * b * h // 1024)))
+    chunks = -(-k_len // chunk_keys)
     maxes = torch.empty(b * h, chunks, n, device=k.device, dtype=torch.float32)
     sums = torch.empty_like(maxes)
     strides = (q_last.stride(0), q_last.stride(1), q_last.stride(2), k.stride(0), k.stride(1), k.stride(2))
     _row_stats_kernel[(b * h, chunks)](q_last, k, maxes, sums, h, k_len, k_len - n, chunks, qk_scale, *strides,
-                                       N=n, D=d, BN=64, CHUNK=CHUNK_KEYS, num_warps=4)
+                                       N=n, D=d, BN=64, CHUNK=chunk_keys, num_warps=4)
     row_max = maxes.amax(dim=1)
     total = (sums * torch.exp2(maxes - row_max[:, None, :])).sum(dim=1)  # every query sees key 0: finite maxima
     tiles = k_len // n + 1  # u + n runs over 0 .. Lk
