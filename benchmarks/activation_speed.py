@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from sparsa.benchmarking import goal, print_goals, write_results
-from sparsa.kernels.bench_gemv import CALLS, SHAPES, gemv_row, graph_us, random_cut, random_layer
+from sparsa.kernels.bench_gemv import CALLS, SHAPES, gemv_calls, gemv_row, graph_us, random_cut, random_layer
 
 LEVELS = (0.25, 0.5, 0.65)
 
@@ -50,12 +50,6 @@ def configs():
             if 8 <= bn * bk // (32 * warps) <= 256]
 
 
-def _calls(x, wts, thr, config):
-    from sparsa.kernels.sparse_gemv import sparse_gemv
-
-    return [lambda wt=wt: sparse_gemv(x, wt, threshold=thr, config=config) for wt in wts]
-
-
 def search(x, wts, thr, ref):
     """The fastest correct launch configuration for these weights (graph-timed)."""
     from sparsa.kernels.sparse_gemv import sparse_gemv
@@ -66,7 +60,7 @@ def search(x, wts, thr, ref):
             out = sparse_gemv(x, wts[0], threshold=thr, config=c)
             if ((out.double() - ref).norm() / ref.norm()).item() > 1e-2:
                 continue
-            timed.append((graph_us(_calls(x, wts, thr, c)), c))
+            timed.append((graph_us(gemv_calls(x, wts, thr, c)), c))
         except Exception:  # noqa: BLE001 - a configuration that does not compile here is skipped
             continue
     return min(timed, key=lambda t: t[0])[1]

@@ -20,7 +20,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..prune.pipeline import capture_layer_inputs, run_layer
-from .base import ActivationConfig, Site
+from .base import ActivationConfig, Site, threshold_at
 
 __all__ = ["greedy_levels"]
 
@@ -50,11 +50,10 @@ def greedy_levels(model: nn.Module, sites: list[Site], batches: torch.Tensor, co
 
 
 def _greedy_layer(layer, sites: list[Site], hidden, kwargs, dense, samples, config: ActivationConfig) -> dict[str, float]:
-    from .apply import threshold_at
-
     weights = {s.name: s.weight_numel() or 1 for s in sites}
     total = sum(weights.values())
     level = {s.name: 0.0 for s in sites}
+    dense_energy = sum(float(d.float().pow(2).sum()) for d in dense)
 
     def error(trial: dict[str, float]) -> float:
         for s in sites:
@@ -65,7 +64,7 @@ def _greedy_layer(layer, sites: list[Site], hidden, kwargs, dense, samples, conf
         finally:
             for h in handles:
                 h.remove()
-        return sum(float((o - d).float().pow(2).sum()) for o, d in zip(out, dense)) / sum(float(d.float().pow(2).sum()) for d in dense)
+        return sum(float((o - d).float().pow(2).sum()) for o, d in zip(out, dense)) / dense_energy
 
     def mean(trial: dict[str, float]) -> float:
         return sum(weights[n] * v for n, v in trial.items()) / total

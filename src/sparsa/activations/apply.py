@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 from ..errors import require
-from .base import ACTIVATION_METHODS, WEIGHT_POWERS, ActivationConfig, Site
+from .base import ACTIVATION_METHODS, WEIGHT_POWERS, ActivationConfig, Site, threshold_at
 
-__all__ = ["ActivationSparsity", "apply", "score_samples", "threshold_at"]
+__all__ = ["ActivationSparsity", "apply", "score_samples"]
 
 
 @dataclasses.dataclass
@@ -52,25 +52,26 @@ class ActivationSparsity:
         self.handles.clear()
 
 
-def _calibrate(model: nn.Module, sites: list[Site], batches: torch.Tensor, config: ActivationConfig) -> None:
+def _calibrate(model: nn.Module, sites: list[Site], batches: torch.Tensor, config: ActivationConfig,
+               dense: dict[str, torch.Tensor] | None = None) -> None:
     """Each site's threshold: the ``sparsity`` quantile of its scores over a random sample of calibration activations.
 
-    Two passes: the first on the dense model; the second with the first
-    pass's cuts in place, since cutting early layers shifts what later
-    layers see (the deployed model sees the shifted activations).
+    Two passes: the first on the dense model (its samples ``dense``, if
+    already taken); the second with the first pass's cuts in place, since
+    cutting early layers shifts what later layers see (the deployed model
+    sees the shifted activations).
     """
-    _quantiles(model, sites, batches, config)
+    _set_thresholds(sites, score_samples(model, sites, batches, config) if dense is None else dense, config)
     if config.sparsity > 0:
         owner = ActivationSparsity(config, sites)
         owner.install()
         try:
-            _quantiles(model, sites, batches, config)
+            _set_thresholds(sites, score_samples(model, sites, batches, config), config)
         finally:
             owner.remove()
 
 
-def _quantiles(model: nn.Module, sites: list[Site], batches: torch.Tensor, config: ActivationConfig) -> None:
-    samples = score_samples(model, sites, batches, config)
+def _set_thresholds(sites: list[Site], samples: dict[str, torch.Tensor], config: ActivationConfig) -> None:
     for site in sites:
         site.threshold = threshold_at(samples[site.name], config.sparsity if site.sparsity is None else site.sparsity)
 
@@ -104,13 +105,6 @@ def score_samples(model: nn.Module, sites: list[Site], batches: torch.Tensor, co
     return {name: torch.cat(values).sort().values for name, values in samples.items()}
 
 
-def threshold_at(sorted_scores: torch.Tensor, sparsity: float) -> float:
-    """The score with a ``sparsity`` fraction of the (sorted) sample below it; -inf at 0 (nothing is cut)."""
-    if sparsity <= 0:
-        return float("-inf")
-    return float(sorted_scores[max(1, round(sparsity * sorted_scores.numel())) - 1])
-
-
 def apply(lm, method: str = "teal", sparsity: float = 0.5, *, tokenizer=None, text: str | None = None, **options) -> ActivationSparsity:
     """Calibrate ``method`` at ``sparsity`` on text and install it in ``lm`` (a LoadedModel, or a model with ``tokenizer``).
 
@@ -134,18 +128,18 @@ def apply(lm, method: str = "teal", sparsity: float = 0.5, *, tokenizer=None, te
     if config.method == "wina" and config.weight_power is None and config.sparsity > 0:
         config = dataclasses.replace(config, weight_power=_best_weight_power(model, batches, config))
     sites = make_sites(model, config)
+    dense = None
     if config.allocation == "greedy" and config.sparsity > 0:
         from .allocation import greedy_levels
 
-        for site in sites:
-            site.sparsity = None
-        levels = greedy_levels(model, sites, batches, config, score_samples(model, sites, batches, config))
+        dense = score_samples(model, sites, batches, config)
+        levels = greedy_levels(model, sites, batches, config, dense)
         for site in sites:
             site.sparsity = levels[site.name]
     if any(type(s.module).__name__ == "SparseLinear24" for s in sites):
         warnings.warn("sparsa.activations: inputs of 2:4 layers are cut too, but the 2:4 kernels read every weight "
                       "group regardless, so the two sparsities do not combine into more speed", RuntimeWarning, stacklevel=2)
-    _calibrate(model, sites, batches, config)
+    _calibrate(model, sites, batches, config, dense)
     handle = ActivationSparsity(config, sites)
     handle.install()
     return handle

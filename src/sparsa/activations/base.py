@@ -21,7 +21,7 @@ import torch.nn as nn
 from ..errors import InputError, require
 from ..registry import Registry
 
-__all__ = ["ACTIVATION_METHODS", "ActivationConfig", "Site", "in_decoder_layer", "linear_sites"]
+__all__ = ["ACTIVATION_METHODS", "ActivationConfig", "Site", "in_decoder_layer", "linear_sites", "threshold_at"]
 
 ACTIVATION_METHODS: Registry[Callable] = Registry("activation sparsity method")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -96,7 +96,6 @@ class Site:
             self.total += keep.numel()
         return x * keep
 
-
     def install(self, tracking: Callable[[], bool] = lambda: False):
         """Cut this site in every forward (a removable hook); ``tracking()`` says whether to count zeros."""
         if self.kind == "input":
@@ -107,6 +106,13 @@ class Site:
         """Weights this site's cut lets a kernel skip in proportion (its linear's, or the MLP's for a gate site)."""
         module = self.module
         return module.in_features * module.out_features if hasattr(module, "in_features") else 0
+
+
+def threshold_at(sorted_scores: torch.Tensor, sparsity: float) -> float:
+    """The score with a ``sparsity`` fraction of the (sorted) sample below it; -inf at 0 (nothing is cut)."""
+    if sparsity <= 0:
+        return float("-inf")
+    return float(sorted_scores[max(1, round(sparsity * sorted_scores.numel())) - 1])
 
 
 def in_decoder_layer(name: str) -> bool:

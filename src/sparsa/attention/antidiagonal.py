@@ -22,7 +22,8 @@ import math
 import torch
 
 from ..errors import require
-from ..kernels.antidiagonal_scores import HAVE_TRITON, antidiagonal_block_mass
+from ..kernels._triton import half_on_gpu
+from ..kernels.antidiagonal_scores import antidiagonal_block_mass
 from .base import PATTERNS, PatternBase, scaled_scores
 from .masks import BlockMask, block_aligned, finalize, top_cumulative
 
@@ -49,17 +50,12 @@ class Antidiagonal(PatternBase):
         qp, kp, _ = block_aligned(q, k, bs)
         row0 = (lk - lq) // bs * bs // self.stride  # absolute strided index of qp's first strided row
         scale = 1.0 / (math.sqrt(q.shape[-1]) * self.stride)
-        if _fused(qp):
+        if half_on_gpu(qp, kp) and q.shape[-1] % 16 == 0:  # the fused kernel tiles the head dim by 16
             mass = antidiagonal_block_mass(qp, kp, self.stride, bs, row0, lk, scale)
         else:
             mass = block_mass(qp, kp, self.stride, bs, row0, lk, scale)
         block_probs = mass / mass.sum(dim=-1, keepdim=True).clamp_min(1e-30)
         return finalize(top_cumulative(block_probs, self.threshold), lq, lk, bs)
-
-
-def _fused(q: torch.Tensor) -> bool:
-    """The Triton kernel serves CUDA half-precision inputs whose head dim it tiles."""
-    return HAVE_TRITON and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] % 16 == 0
 
 
 def block_mass(qp: torch.Tensor, kp: torch.Tensor, s: int, bs: int, row0: int, lk: int, scale: float) -> torch.Tensor:

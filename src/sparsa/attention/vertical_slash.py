@@ -19,7 +19,8 @@ import math
 import torch
 
 from ..errors import require
-from ..kernels.line_scores import HAVE_TRITON, last_query_line_scores
+from ..kernels._triton import half_on_gpu
+from ..kernels.line_scores import last_query_line_scores
 from .base import PATTERNS, PatternBase, last_queries_softmax
 from .masks import BlockMask, _query_block_starts, finalize
 
@@ -50,9 +51,7 @@ def line_scores(q: torch.Tensor, k: torch.Tensor, count: int) -> tuple[torch.Ten
     lk = k.shape[-2]
     n = min(count, q.shape[-2])
     d = q.shape[-1]
-    fused = (HAVE_TRITON and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype
-             and n >= 16 and not n & (n - 1) and d >= 16 and not d & (d - 1))
-    if fused:
+    if half_on_gpu(q, k) and n >= 16 and not n & (n - 1) and d >= 16 and not d & (d - 1):
         columns, diagonals = last_query_line_scores(q[..., q.shape[-2] - n :, :], k, lk, 1.0 / math.sqrt(d))
     else:
         columns, diagonals = column_and_diagonal_scores(last_queries_softmax(q, k, n), lk)

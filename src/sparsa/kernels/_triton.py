@@ -1,5 +1,7 @@
 """Triton, imported once and guarded: the package must import where Triton is absent (CPU machines)."""
 
+import torch
+
 try:
     import triton
     import triton.language as tl
@@ -12,4 +14,11 @@ except ImportError:  # pragma: no cover - depends on the environment
     TensorDescriptor = None
     HAVE_TRITON = False
 
-__all__ = ["HAVE_TRITON", "TensorDescriptor", "tl", "triton"]
+__all__ = ["HAVE_TRITON", "TensorDescriptor", "half_on_gpu", "tl", "triton"]
+
+
+def half_on_gpu(*tensors) -> bool:
+    """Whether a Triton kernel can take these tensors: Triton is here and they are all fp16 or all bf16, on the GPU."""
+    first = tensors[0]
+    return HAVE_TRITON and first.dtype in (torch.float16, torch.bfloat16) and all(
+        t.is_cuda and t.dtype == first.dtype for t in tensors)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..benchmarking import cuda_median_ms
 
-__all__ = ["CALLS", "SHAPES", "gemv_row", "graph_us", "random_cut", "random_layer"]
+__all__ = ["CALLS", "SHAPES", "gemv_calls", "gemv_row", "graph_us", "random_cut", "random_layer"]
 
 SHAPES = {  # (label, out, in) of the linears whose inputs decoding cuts
     "8B": [("q/o", 4096, 4096), ("gate/up", 14336, 4096), ("down", 4096, 14336)],
@@ -60,6 +60,13 @@ def random_cut(x, w, level: float, g):
     return thr, keep, (x.double() * keep) @ w.double().T
 
 
+def gemv_calls(x, wts, thr, config) -> list:
+    """One sparse-GEMV call per weight copy (for :func:`graph_us`)."""
+    from .sparse_gemv import sparse_gemv
+
+    return [lambda wt=wt: sparse_gemv(x, wt, threshold=thr, config=config) for wt in wts]
+
+
 def gemv_row(x, ws, wts, thr, ref, config=None) -> dict:
     """Dense and sparse GEMV times (µs) and the sparse one's relative error vs float64, for one cut."""
     from .sparse_gemv import GemvConfig, sparse_gemv
@@ -69,6 +76,6 @@ def gemv_row(x, ws, wts, thr, ref, config=None) -> dict:
     out = sparse_gemv(x, wts[0], threshold=thr, config=config)
     error = ((out.double() - ref).norm() / ref.norm()).item()
     dense_us = graph_us([lambda w=w: F.linear(x, w) for w in ws])
-    ours_us = graph_us([lambda wt=wt: sparse_gemv(x, wt, threshold=thr, config=config) for wt in wts])
+    ours_us = graph_us(gemv_calls(x, wts, thr, config))
     return {"dense_us": dense_us, "ours_us": ours_us, "ours_speedup": dense_us / ours_us, "error": error,
             "config": vars(config), "weight_copies": len(ws)}

@@ -111,7 +111,7 @@ if HAVE_TRITON:
             for sub in tl.static_range(SUB):
                 m_i, l_i, acc = _attend_block(q, k_head, v_head, b, kvh, diagonal + sub * INNER, q_pos, m_i, l_i, acc,
                                               LK, skm, svm, dims, qk_scale, INNER, D, BLOCK_D, True, TMA)
-        out = (acc / tl.where(l_i > 0, l_i, 1.0)[:, None])
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         if TMA:
             o_src.store([b, h, row_tile * BLOCK_M, 0], out.to(o_src.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
         else:
