@@ -36,8 +36,9 @@ PATTERNS = [  # (label, pattern, settings)
     ("antidiagonal s16", "antidiagonal", dict(threshold=0.9, stride=16)),
     ("flexprefill", "flexprefill", dict(coverage=0.9)),
 ]
-TRITON_LAUNCHES = [dict(), dict(num_stages=3), dict(inner=128, num_warps=8, num_stages=3),
-                   dict(tma=False, num_warps=8, num_stages=3)]  # first: the kernel's defaults (TMA where it can)
+# first: the kernel's defaults (TMA where it can, programs of one key-value head launched together)
+TRITON_LAUNCHES = [dict(), dict(kv_major=False), dict(num_stages=3), dict(inner=128, num_warps=8, num_stages=3),
+                   dict(tma=False, num_warps=8, num_stages=3)]
 SPARSITY = 0.95  # of the full L x L block grid, as the issue counts it: ~10% of the causal blocks are kept
 
 

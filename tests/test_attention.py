@@ -219,14 +219,16 @@ for dtype in (torch.float32, torch.bfloat16):
     # (block, query rows per program): whole blocks, and blocks split over two programs; d = 24 is padded
     for lq, lk, d, block, block_m in ((64, 64, 16, 16, None), (40, 100, 24, 16, None), (1, 70, 32, 16, None),
                                       (70, 130, 16, 32, 16)):
-        q = torch.randn(1, 4, lq, d).to(dtype)
-        k = torch.randn(1, 2, lk, d).to(dtype)
-        v = torch.randn(1, 2, lk, d).to(dtype)
+        batch = 2 if block_m else 1  # program ids map to (batch, head, tile) in both launch orders
+        q = torch.randn(batch, 4, lq, d).to(dtype)
+        k = torch.randn(batch, 2, lk, d).to(dtype)
+        v = torch.randn(batch, 2, lk, d).to(dtype)
         for name, settings in (("streaming", dict(local_blocks=1)), ("antidiagonal", dict(stride=4, threshold=0.6)), ("quest", dict(pages=1000))):
             mask = make_pattern(name, block_size=block, **settings).mask(q, k.repeat_interleave(2, 1))
             ref = attend(q.double(), k.double(), v.double(), mask, backend="reference")
             # pointer loads, and TMA descriptors (power-of-two head dims) with keys taken 16 at a time
-            for launch in [dict(tma=False)] + ([dict(tma=True, inner=16)] if d & (d - 1) == 0 else []):
+            # and programs launched head by head instead of key-value head by key-value head
+            for launch in [dict(tma=False), dict(tma=False, kv_major=False)] + ([dict(tma=True, inner=16)] if d & (d - 1) == 0 else []):
                 out = attend(q, k, v, mask, backend="triton", block_m=block_m, **launch)
                 err = ((out.double() - ref).norm() / ref.norm()).item()
                 assert err < (1e-5 if dtype == torch.float32 else 2e-2), (dtype, lq, lk, name, launch, err)
@@ -259,8 +261,9 @@ for lq, lk, d, block, stride in ((200, 200, 16, 32, 8), (90, 300, 32, 16, 4), (6
     scale = 1.0 / (math.sqrt(d) * stride)
     ref = block_mass(qp.double(), kp.double(), stride, block, row0, lk, scale)
     got = antidiagonal_block_mass(qp, kp, stride, block, row0, lk, scale)
+    row_major = antidiagonal_block_mass(qp, kp, stride, block, row0, lk, scale, head_major=False)
     assert got.shape == ref.shape, (got.shape, ref.shape)
-    err = (got.double() - ref).abs().max().item()
+    err = max((got.double() - ref).abs().max().item(), (row_major.double() - ref).abs().max().item())
     assert err < 1e-4, (lq, lk, d, block, stride, err)
     worst = max(worst, err)
 print(f"antidiagonal interpreter ok, worst {worst:.2e}")
@@ -302,6 +305,45 @@ def test_fused_line_scores_under_the_interpreter(tmp_path):
     from triton_interpreter import run_interpreted
 
     assert "line scores interpreter ok" in run_interpreted(LINE_SCORES_BODY, tmp_path)
+
+
+TOP_CUMULATIVE_BODY = r"""
+import torch
+from sparsa.attention.masks import top_cumulative
+from sparsa.kernels.top_cumulative import top_cumulative_rows
+
+torch.manual_seed(0)
+# rows off the program's row count, lengths off a power of two, a zero row
+for shape in ((3, 5, 40), (2, 17), (1, 1), (6, 300)):
+    probs = torch.rand(shape) ** 4
+    probs = probs / probs.sum(-1, keepdim=True)
+    probs[0] = 0.0
+    for threshold in (0.05, 0.5, 0.9, 0.99):  # (at 1.0 the last entries hang on summation order)
+        got = top_cumulative_rows(probs, threshold)
+        want = top_cumulative(probs, threshold)  # the stock ops on CPU
+        assert torch.equal(got, want), (shape, threshold, (got != want).sum())
+print("top cumulative interpreter ok")
+
+# the kernels' kept-block lists: counts, and indices ascending then zeros, as the stock rank scatter makes them
+from sparsa.attention.backends import kept_lists
+from sparsa.kernels.block_sparse_attn import kept_block_lists
+
+for shape in ((2, 3, 5, 40), (9, 17), (1, 1)):
+    blocks = torch.rand(shape) < 0.3
+    blocks[..., 0, :] = False
+    for got, want in zip(kept_block_lists(blocks), kept_lists(blocks)):
+        assert got.dtype == want.dtype and torch.equal(got, want), (shape, got, want)
+print("kept lists interpreter ok")
+"""
+
+
+def test_selection_kernels_under_the_interpreter(tmp_path):
+    """The Triton selection keeps exactly the entries the stock sort and cumulative sum keep (no ties here),
+    and the kept-block lists equal the stock rank scatter."""
+    from triton_interpreter import run_interpreted
+
+    out = run_interpreted(TOP_CUMULATIVE_BODY, tmp_path)
+    assert "top cumulative interpreter ok" in out and "kept lists interpreter ok" in out
 
 
 def test_antidiagonal_scores_equal_the_strided_definition():

@@ -25,6 +25,7 @@ import math
 import torch
 
 from ..errors import InputError
+from ..kernels._triton import HAVE_TRITON
 from ..registry import Registry
 from .masks import BlockMask, block_aligned
 
@@ -93,6 +94,10 @@ def _flex_fn(device: torch.device):
 
 def kept_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query block, how many key blocks are kept and which (ascending, in the first ``count`` entries; the rest 0): int32."""
+    if blocks.is_cuda and HAVE_TRITON:
+        from ..kernels.block_sparse_attn import kept_block_lists
+
+        return kept_block_lists(blocks)
     counts = blocks.sum(-1, dtype=torch.int32)
     kb = blocks.shape[-1]
     # a kept block goes to its rank among the kept ones, every other to a spare last column (a sort costs 5x more)

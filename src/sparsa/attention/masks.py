@@ -20,6 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels._triton import HAVE_TRITON
+from ..kernels.top_cumulative import MAX_ROW, top_cumulative_rows
+
 __all__ = ["BlockMask", "block_aligned", "causal_blocks", "finalize", "full", "top_cumulative"]
 
 
@@ -98,8 +101,12 @@ def finalize(blocks: torch.Tensor, q_len: int, k_len: int, block: int) -> BlockM
 def top_cumulative(probs: torch.Tensor, threshold: float) -> torch.Tensor:
     """bool mask of the fewest entries (along the last dim) whose probabilities sum to ``threshold``.
 
-    ``probs`` rows are non-negative and sum to 1 (rows of zeros select nothing).
+    ``probs`` rows are non-negative and sum to 1 (a row of zeros keeps everything).
+    On a GPU, rows of up to :data:`~sparsa.kernels.top_cumulative.MAX_ROW`
+    entries go through one Triton kernel (which also keeps ties with the cutoff).
     """
+    if probs.is_cuda and HAVE_TRITON and 0 < probs.shape[-1] <= MAX_ROW:
+        return top_cumulative_rows(probs, threshold)
     ordered, order = probs.sort(dim=-1, descending=True)
     before = ordered.cumsum(dim=-1) - ordered  # mass strictly before each entry
     keep_sorted = before < threshold

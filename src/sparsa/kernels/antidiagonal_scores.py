@@ -42,9 +42,16 @@ if HAVE_TRITON:
         q_desc, k_desc, part_ptr, tmax_ptr, out_ptr,
         R, ROW0, LK, TILES, KB, qk_scale,
         S: tl.constexpr, D: tl.constexpr, PER: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        HEAD_MAJOR: tl.constexpr,
     ):
-        bh = tl.program_id(0).to(tl.int64)  # scratch offsets pass 2^31 at 128k and many heads
-        tile_m = tl.num_programs(1) - 1 - tl.program_id(1)  # the longest rows first: the causal tail balances
+        # the longest rows first: the causal tail balances. HEAD_MAJOR: one head's row tiles run together and
+        # read its keys from L2 (else the same row tile of every head does). int64: scratch offsets pass 2^31
+        if HEAD_MAJOR:
+            bh = tl.program_id(1).to(tl.int64)
+            tile_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        else:
+            bh = tl.program_id(0).to(tl.int64)
+            tile_m = tl.num_programs(1) - 1 - tl.program_id(1)
         rows = tile_m * BM + tl.arange(0, BM)  # strided rows of this program (local to q)
         abs_rows = ROW0 + rows  # ... and their absolute strided index
         row_ok = rows < R
@@ -56,7 +63,7 @@ if HAVE_TRITON:
         n_tiles = last_col // BN + 1
         run_max = tl.full((BM,), float("-inf"), dtype=tl.float32)
         run_sum = tl.zeros((BM,), dtype=tl.float32)
-        for tile_n in range(0, n_tiles):
+        for tile_n in tl.range(0, n_tiles, flatten=True):  # one flat loop: loads run ahead across tiles
             cols = tile_n * BN + tl.arange(0, BN)
             acc = tl.zeros((BM, BN), dtype=tl.float32)
             for kk in range(0, S * D, BK):
@@ -95,13 +102,15 @@ if HAVE_TRITON:
 
 def antidiagonal_block_mass(qp: torch.Tensor, kp: torch.Tensor, stride: int, block: int, row0: int, k_len: int,
                             scale: float, *, tile: tuple[int, int, int] | None = None, num_warps: int = 8,
-                            num_stages: int = 3) -> torch.Tensor:
+                            num_stages: int = 3, head_major: bool = True) -> torch.Tensor:
     """Per (query block, key block) the summed strided softmax ``[B, H, QB, KB]`` (float32), each row summing to ``block / stride``.
 
     ``qp [B, H, QB * block, D]`` and ``kp [B, H, KB * block, D]`` are
     block-aligned (padded); ``row0`` is the absolute strided index of qp's
     first strided row; keys from ``k_len`` on do not exist; ``scale``
-    multiplies the strided dot products.
+    multiplies the strided dot products. ``head_major`` launches one head's
+    row tiles together (its keys are then read from L2, not memory) rather
+    than the same row tile of every head.
     """
     if not HAVE_TRITON:
         raise RuntimeError("the antidiagonal scoring kernel needs triton: pip install triton")
@@ -113,7 +122,7 @@ def antidiagonal_block_mass(qp: torch.Tensor, kp: torch.Tensor, stride: int, blo
         raise ValueError(f"antidiagonal scoring: q {tuple(qp.shape)}, k {tuple(kp.shape)}, block {block}, stride {stride} do not fit")
     if tile is None:  # measured on an H100 at 64k tokens; smaller where shared memory is
         big = torch.cuda.get_device_properties(qp.device).shared_memory_per_block_optin >= 200 * 1024 if qp.is_cuda else True
-        tile, num_warps, num_stages = ((128, 256, 128), 8, 2) if big else ((128, 128, 64), 8, 3)
+        tile, num_warps, num_stages = ((128, 256, 64), 8, 4) if big else ((128, 128, 64), 8, 3)
     bm, bn, bk = max(tile[0], per), max(tile[1], per), min(tile[2], d & -d)  # whole blocks a tile; bk divides d
     tiles = -(-(kb * per) // bn)
     # [B*H, rows, S*D] views (a free reshape of contiguous inputs), read through TMA descriptors
@@ -124,10 +133,10 @@ def antidiagonal_block_mass(qp: torch.Tensor, kp: torch.Tensor, stride: int, blo
     part = torch.empty(b * h, rows, tiles * (bn // per), device=qp.device, dtype=torch.float32)
     tmax = torch.empty(b * h, rows, tiles, device=qp.device, dtype=torch.float32)
     out = torch.zeros(b, h, lq // block, part.shape[-1], device=qp.device, dtype=torch.float32)
-    grid = (b * h, -(-rows // bm))
+    grid = (-(-rows // bm), b * h) if head_major else (b * h, -(-rows // bm))
     _antidiagonal_kernel[grid](
         q_desc, k_desc, part, tmax, out,
         rows, row0, k_len, tiles, part.shape[-1], scale * LOG2E,
-        S=stride, D=d, PER=per, BM=bm, BN=bn, BK=bk, num_warps=num_warps, num_stages=num_stages,
+        S=stride, D=d, PER=per, BM=bm, BN=bn, BK=bk, HEAD_MAJOR=head_major, num_warps=num_warps, num_stages=num_stages,
     )
     return out[..., :kb]

@@ -24,7 +24,7 @@ import torch
 
 from ._triton import HAVE_TRITON, TensorDescriptor, tl, triton
 
-__all__ = ["HAVE_TRITON", "block_sparse_attention"]
+__all__ = ["HAVE_TRITON", "block_sparse_attention", "kept_block_lists"]
 
 LOG2E = 1.4426950408889634  # scores in log2 units: exp2 instead of exp
 
@@ -71,19 +71,31 @@ if HAVE_TRITON:
         sqb, sqh, sqm, skb, skh, skm, svb, svh, svm, sob, soh, som,
         scb, sch, sib, sih, siq,
         D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, INNER: tl.constexpr,
-        TMA: tl.constexpr,
+        TMA: tl.constexpr, KV_MAJOR: tl.constexpr,
     ):
-        # heads vary fastest and the last (longest) query blocks start first: the causal tail balances.
-        # A mask block of BLOCK queries may be split over BLOCK / BLOCK_M programs, and each key block is
-        # taken INNER keys at a time.
-        bh = tl.program_id(0)
+        # The last (longest) query blocks start first: the causal tail balances. A mask block of BLOCK queries
+        # may be split over BLOCK / BLOCK_M programs, and each key block is taken INNER keys at a time.
         SPLIT: tl.constexpr = BLOCK // BLOCK_M
         SUB: tl.constexpr = BLOCK // INNER
-        row_tile = QB * SPLIT - 1 - tl.program_id(1)
+        tiles = QB * SPLIT
+        pid = tl.program_id(0)
+        if KV_MAJOR:
+            # programs running together share one key-value head (its heads vary fastest, then the query
+            # tiles), so the key and value blocks they read come from L2 rather than from memory
+            group = pid % KV_GROUP
+            rest = pid // KV_GROUP
+            row_tile = tiles - 1 - rest % tiles
+            bkv = rest // tiles
+            b = bkv // (H // KV_GROUP)
+            kvh = bkv % (H // KV_GROUP)
+            h = kvh * KV_GROUP + group
+        else:  # all heads vary fastest
+            heads = tl.num_programs(0) // tiles  # B * H
+            b = pid % heads // H
+            h = pid % H
+            row_tile = tiles - 1 - pid // heads
+            kvh = h // KV_GROUP
         qb = row_tile // SPLIT
-        b = bh // H
-        h = bh % H
-        kvh = h // KV_GROUP
         rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # padded query rows
         dims = tl.arange(0, BLOCK_D)
         if TMA:  # descriptors over [B, H, L, D]
@@ -119,6 +131,39 @@ if HAVE_TRITON:
                      mask=(rows < LQ)[:, None] & (dims < D)[None, :])
 
 
+if HAVE_TRITON:
+
+    @triton.jit
+    def _kept_lists_kernel(blocks_ptr, counts_ptr, indices_ptr, R, KB, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_N)
+        inside = (rows < R)[:, None] & (cols < KB)[None, :]
+        offsets = rows[:, None].to(tl.int64) * KB + cols[None, :]
+        kept = tl.load(blocks_ptr + offsets, mask=inside, other=0).to(tl.int32)
+        rank = tl.cumsum(kept, axis=1)  # 1-based rank of each kept block
+        count = tl.sum(kept, axis=1)
+        tl.store(counts_ptr + rows, count, mask=rows < R)
+        # each kept block writes its index at its rank; the slots past the count get 0 (disjoint stores)
+        row_base = indices_ptr + rows[:, None].to(tl.int64) * KB
+        tl.store(row_base + rank - 1, cols[None, :] + 0 * rows[:, None], mask=inside & (kept != 0))
+        tl.store(row_base + cols[None, :], tl.zeros_like(kept), mask=inside & (cols[None, :] >= count[:, None]))
+
+
+def kept_block_lists(blocks: torch.Tensor, rows_per_program: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's input format from a bool ``[..., QB, KB]`` mask on the GPU: ``counts [..., QB]`` and
+    ``indices [..., QB, KB]`` (int32; each row's kept key blocks ascending, then zeros), in one launch."""
+    if not HAVE_TRITON:
+        raise RuntimeError("kept_block_lists needs triton: pip install triton")
+    kb = blocks.shape[-1]
+    flat = blocks.reshape(-1, kb).contiguous()
+    counts = torch.empty(flat.shape[0], dtype=torch.int32, device=blocks.device)
+    indices = torch.empty(flat.shape, dtype=torch.int32, device=blocks.device)
+    if flat.numel():
+        _kept_lists_kernel[(triton.cdiv(flat.shape[0], rows_per_program),)](
+            flat, counts, indices, flat.shape[0], kb, ROWS=rows_per_program, BLOCK_N=max(16, triton.next_power_of_2(kb)))
+    return counts.reshape(blocks.shape[:-1]), indices.reshape(blocks.shape)
+
+
 def _tma_ready(*tensors: torch.Tensor) -> bool:
     """TMA descriptors need a power-of-two head dim and 16-byte aligned rows (and a GPU that has TMA)."""
     if not all(t.is_cuda for t in tensors) or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
@@ -132,14 +177,16 @@ def _tma_ready(*tensors: torch.Tensor) -> bool:
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor,
                            indices: torch.Tensor, block: int, first: int, scale: float | None = None, *,
                            num_warps: int | None = None, num_stages: int = 2, block_m: int | None = None,
-                           inner: int | None = None, tma: bool | None = None) -> torch.Tensor:
+                           inner: int | None = None, tma: bool | None = None, kv_major: bool = True) -> torch.Tensor:
     """Causal attention of block-aligned ``q [B, H, Lq', D]`` over ``k, v [B, Hkv, Lk, D]``, kept blocks only.
 
     ``counts [B, H, QB]`` and ``indices [B, H, QB, KB]`` (int32) list each
     query block's key blocks; ``first`` is the absolute position of q's row 0.
     ``block_m`` (a divisor of ``block``, at least 16): query rows per program;
     ``inner``: keys per step; ``tma``: load through TMA descriptors (default:
-    where the GPU and the layout allow).
+    where the GPU and the layout allow); ``kv_major``: launch the programs of
+    one key-value head together (their key blocks stay in L2) rather than all
+    heads' programs for the same query block.
     Returns ``[B, H, Lq', D]`` in q's dtype.
     """
     if not HAVE_TRITON:
@@ -164,14 +211,14 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
         srcs = [TensorDescriptor.from_tensor(t, [1, 1, rows, block_d]) for t, rows in ((q, block_m), (k, inner), (v, inner), (out, block_m))]
     else:
         srcs = [q, k, v, out]
-    grid = (b * h, lq // block_m)
+    grid = (b * h * (lq // block_m),)
     _block_sparse_attn_kernel[grid](
         *srcs, counts, indices,
         h, h // hkv, lq // block, lq, lk, first, (1.0 / math.sqrt(d) if scale is None else scale) * LOG2E,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         counts.stride(0), counts.stride(1), indices.stride(0), indices.stride(1), indices.stride(2),
-        D=d, BLOCK=block, BLOCK_M=block_m, BLOCK_D=block_d, INNER=inner, TMA=tma,
+        D=d, BLOCK=block, BLOCK_M=block_m, BLOCK_D=block_d, INNER=inner, TMA=tma, KV_MAJOR=kv_major,
         num_warps=num_warps or (4 if tma or block_m <= 64 else 8), num_stages=num_stages,
     )
     return out
