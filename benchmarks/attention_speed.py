@@ -34,6 +34,8 @@ PATTERNS = [  # (label, pattern, settings)
     ("vertical_slash", "vertical_slash", dict(vertical=1024, slash=2048)),
     ("antidiagonal s8", "antidiagonal", dict(threshold=0.9, stride=8)),
     ("antidiagonal s16", "antidiagonal", dict(threshold=0.9, stride=16)),
+    ("antidiagonal s8 fp8", "antidiagonal", dict(threshold=0.9, stride=8, fp8=True)),
+    ("antidiagonal s16 fp8", "antidiagonal", dict(threshold=0.9, stride=16, fp8=True)),
     ("flexprefill", "flexprefill", dict(coverage=0.9)),
 ]
 # first: the kernel's defaults (TMA where it can, programs of one key-value head launched together)

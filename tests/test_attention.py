@@ -346,6 +346,22 @@ def test_selection_kernels_under_the_interpreter(tmp_path):
     assert "top cumulative interpreter ok" in out and "kept lists interpreter ok" in out
 
 
+def test_antidiagonal_fp8_scoring_stays_close_to_exact():
+    """fp8 rounding of the strided rows moves the block sums little, and the chosen blocks hardly at all."""
+    from sparsa.attention.antidiagonal import block_mass
+    from sparsa.attention.masks import block_aligned
+
+    torch.manual_seed(4)
+    q, k = torch.randn(1, 4, 2048, 64), torch.randn(1, 4, 2048, 64) * 3
+    qp, kp, _ = block_aligned(q, k, 64)
+    exact = block_mass(qp.double(), kp.double(), 8, 64, 0, 2048, 1 / (math.sqrt(64) * 8))
+    rounded = block_mass(qp, kp, 8, 64, 0, 2048, 1 / (math.sqrt(64) * 8), fp8=True)
+    assert (rounded.double() - exact).abs().max().item() < 3e-2 * 64 / 8  # rows hold 8 units of probability
+    a = make_pattern("antidiagonal", block_size=64, stride=8).mask(q, k).blocks
+    b = make_pattern("antidiagonal", block_size=64, stride=8, fp8=True).mask(q, k).blocks
+    assert (a != b).sum().item() <= 0.02 * a.sum().item()
+
+
 def test_antidiagonal_scores_equal_the_strided_definition():
     """The one-GEMM estimate equals the explicit antidiagonal sums: q[iS+t] . k[jS+S-1-t], causal softmax, block sums."""
     from sparsa.attention.antidiagonal import Antidiagonal

@@ -59,6 +59,7 @@ examples:
   sparsa bench linear --shape 4096x14336 --json down.json
   sparsa bench attention --lengths 32768,65536   # SDPA vs FlexAttention/Triton on a 95% block mask; every pattern's estimate
   sparsa bench attention --attention vertical_slash --attention-set vertical=1024 slash=2048
+  sparsa bench attention --attention antidiagonal --attention-set stride=8 fp8=true
   sparsa bench activations --activation-sparsity 0.5 --model 70B
 
 linear: each row is dense cuBLAS, torch's stock semi-structured 2:4 path and
@@ -149,13 +150,16 @@ def _settings(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise InputError(f"--attention-set {pair!r} is not KEY=VALUE; e.g. --attention-set vertical=1024")
+        if value.lower() in ("true", "false"):
+            out[key] = value.lower() == "true"
+            continue
         try:
             out[key] = int(value)
         except ValueError:
             try:
                 out[key] = float(value)
             except ValueError:
-                raise InputError(f"--attention-set {pair}: the value must be a number") from None
+                raise InputError(f"--attention-set {pair}: the value must be a number, true or false") from None
     return out
 
 

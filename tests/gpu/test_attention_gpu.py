@@ -89,3 +89,48 @@ def test_top_cumulative_kernel_matches_stock_ops(shape):
         want = top_cumulative(probs.cpu(), threshold)
         # float32 sums in another order may move an entry whose mass-before sits on the threshold
         assert (got.cpu() != want).sum().item() <= max(1, probs.numel() // probs.shape[-1] // 1000)
+
+
+def test_fp8_rows_match_the_reference_rounding():
+    from sparsa.kernels.antidiagonal_scores import fp8_rows, fp8_rows_reference
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x = (torch.randn(3, 50, 1000, device="cuda", generator=g) * torch.logspace(-3, 3, 50, device="cuda")[:, None]).to(torch.bfloat16)
+    x[0, 0] = 0.0  # an all-zero row keeps scale 1
+    y, scale = fp8_rows(x)
+    assert y.dtype == torch.float8_e4m3fn and scale.shape == x.shape[:-1]
+    amax = x.float().abs().amax(-1)
+    assert torch.allclose(scale, torch.where(amax > 0, amax / 448, 1.0), rtol=1e-6)
+    assert y.float().abs().amax(-1).le(448).all()
+    # the same values as the reference rounding, give or take one e4m3 step where a value sits on a tie
+    ref = fp8_rows_reference(x)
+    got = y.float() * scale[..., None]
+    off = (got - ref).abs() > 1e-6 * ref.abs()
+    assert off.float().mean().item() < 1e-3
+    assert ((got - ref).abs() <= 0.125 * ref.abs() + 1e-30)[off].all()
+
+
+@pytest.mark.parametrize("lq,lk,stride", [(4096, 4096, 8), (1000, 3000, 16)])
+def test_fused_fp8_antidiagonal_scoring_matches_stock_ops(lq, lk, stride):
+    """In fp8 the kernel equals the stock definition on the same rounded rows; the masks barely move from bf16's."""
+    import math
+
+    from sparsa.attention.antidiagonal import block_mass
+    from sparsa.attention.masks import block_aligned
+    from sparsa.kernels.antidiagonal_scores import antidiagonal_block_mass
+
+    g = torch.Generator(device="cuda").manual_seed(lq + stride + 1)
+    q = torch.randn(1, 8, lq, 128, device="cuda", generator=g).to(torch.bfloat16)
+    k = (torch.randn(1, 8, lk, 128, device="cuda", generator=g) * 4).to(torch.bfloat16)
+    block = 128
+    qp, kp, _ = block_aligned(q, k, block)
+    row0 = (lk - lq) // block * block // stride
+    scale = 1.0 / (math.sqrt(128) * stride)
+    ref = block_mass(qp.double(), kp.double(), stride, block, row0, lk, scale, fp8=True)
+    got = antidiagonal_block_mass(qp, kp, stride, block, row0, lk, scale, fp8=True)
+    assert (got.double() - ref).abs().max().item() < 1e-3 * block / stride
+    exact = block_mass(qp.double(), kp.double(), stride, block, row0, lk, scale)
+    assert (got.double() - exact).abs().max().item() < 3e-2 * block / stride
+    bf16 = make_pattern("antidiagonal", block_size=block, stride=stride).mask(q, k).blocks
+    fp8 = make_pattern("antidiagonal", block_size=block, stride=stride, fp8=True).mask(q, k).blocks
+    assert (bf16 != fp8).sum().item() <= 0.02 * bf16.sum().item()

@@ -10,7 +10,10 @@ important structure is missed. The strided scores go through a causal
 softmax, are summed per block, and each query block keeps the fewest key
 blocks whose estimated probability reaches ``threshold``. On a GPU one fused
 Triton kernel computes the same block sums without writing the strided
-scores to memory.
+scores to memory. ``fp8=True`` scores with e4m3 copies of the strided rows
+(each scaled to its own range): twice the tensor-core rate on GPUs that have
+fp8, the same rounding emulated elsewhere, and a block choice that differs
+from the bf16 one only where two blocks' estimates nearly tie.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 from ..errors import require
 from ..kernels._triton import half_on_gpu
-from ..kernels.antidiagonal_scores import antidiagonal_block_mass
+from ..kernels.antidiagonal_scores import antidiagonal_block_mass, fp8_ready, fp8_rows_reference
 from .base import PATTERNS, PatternBase, scaled_scores
 from .masks import BlockMask, block_aligned, finalize, top_cumulative
 
@@ -38,6 +41,7 @@ class Antidiagonal(PatternBase):
     phase: ClassVar[str] = "prefill"
     stride: int = 8
     threshold: float = 0.9
+    fp8: bool = False  # score with e4m3 strided rows (see the module notes)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,18 +54,21 @@ class Antidiagonal(PatternBase):
         qp, kp, _ = block_aligned(q, k, bs)
         row0 = (lk - lq) // bs * bs // self.stride  # absolute strided index of qp's first strided row
         scale = 1.0 / (math.sqrt(q.shape[-1]) * self.stride)
-        if half_on_gpu(qp, kp) and q.shape[-1] % 16 == 0:  # the fused kernel tiles the head dim by 16
-            mass = antidiagonal_block_mass(qp, kp, self.stride, bs, row0, lk, scale)
+        fused = half_on_gpu(qp, kp) and q.shape[-1] % 16 == 0 and (fp8_ready(qp) or not self.fp8)  # head dim tiled by 16
+        if fused:
+            mass = antidiagonal_block_mass(qp, kp, self.stride, bs, row0, lk, scale, fp8=self.fp8)
         else:
-            mass = block_mass(qp, kp, self.stride, bs, row0, lk, scale)
+            mass = block_mass(qp, kp, self.stride, bs, row0, lk, scale, fp8=self.fp8)
         block_probs = mass / mass.sum(dim=-1, keepdim=True).clamp_min(1e-30)
         return finalize(top_cumulative(block_probs, self.threshold), lq, lk, bs)
 
 
-def block_mass(qp: torch.Tensor, kp: torch.Tensor, s: int, bs: int, row0: int, lk: int, scale: float) -> torch.Tensor:
+def block_mass(qp: torch.Tensor, kp: torch.Tensor, s: int, bs: int, row0: int, lk: int, scale: float,
+               fp8: bool = False) -> torch.Tensor:
     """The strided causal softmax summed per (query block, key block), ``[B, H, QB, KB]`` float32, with stock ops.
 
-    ``qp``/``kp`` are block-aligned; ``row0`` is qp's first strided row (absolute).
+    ``qp``/``kp`` are block-aligned; ``row0`` is qp's first strided row (absolute);
+    ``fp8`` rounds each strided row as the fp8 kernel does (then scores in float32).
     The definition the fused kernel (:func:`sparsa.kernels.antidiagonal_scores.antidiagonal_block_mass`) computes.
     """
     per = bs // s  # strided rows (and columns) per block
@@ -71,6 +78,8 @@ def block_mass(qp: torch.Tensor, kp: torch.Tensor, s: int, bs: int, row0: int, l
     # ``ks`` keys jS+S-1..jS (reversed), so qs @ ks^T sums q[iS+t] . k[jS+S-1-t] over t in one GEMM.
     qs = qp.reshape(*qp.shape[:2], -1, s * d)
     ks = kp.reshape(*kp.shape[:2], -1, s, d).flip(-2).reshape(*kp.shape[:2], -1, s * d)
+    if fp8:
+        qs, ks = fp8_rows_reference(qs), fp8_rows_reference(ks)
     cols_total = ks.shape[-2]
     heads = qs.shape[0] * qs.shape[1]
     rows_per_chunk = max(per, (MAX_CHUNK_ELEMENTS // max(1, heads * cols_total)) // per * per)

@@ -14,7 +14,19 @@ except ImportError:  # pragma: no cover - depends on the environment
     TensorDescriptor = None
     HAVE_TRITON = False
 
-__all__ = ["HAVE_TRITON", "TensorDescriptor", "half_on_gpu", "tl", "triton"]
+__all__ = ["HAVE_TRITON", "TensorDescriptor", "half_on_gpu", "row_tile", "tl", "triton"]
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def row_tile(R, N, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's ``ROWS`` rows of a row-major ``[R, N]`` array: rows, columns, in-bounds mask, element offsets."""
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_N)
+        inside = (rows < R)[:, None] & (cols < N)[None, :]
+        return rows, cols, inside, rows[:, None].to(tl.int64) * N + cols[None, :]
+else:
+    row_tile = None
 
 
 def half_on_gpu(*tensors) -> bool:

@@ -20,6 +20,13 @@ and keys are read as ``[B*H, L/S, S*D]`` views through TMA tensor descriptors
 make the kernel about 2.5x faster than the stock ops at 64k tokens (measured in
 ``benchmarks/attention_speed.py``). Triton is imported here only, and guarded,
 like the other kernels.
+
+With ``fp8=True`` (GPUs of compute capability 8.9 on) the strided rows are
+first scaled so that each row's largest magnitude is 448 and cast to e4m3
+(:func:`fp8_rows`, one Triton pass); the GEMM then runs at twice the bf16
+tensor-core rate and the epilogue multiplies each score by its row and column
+scales. :func:`fp8_rows_reference` is the same rounding with stock ops (the
+definition, and the CPU path).
 """
 
 from __future__ import annotations
@@ -28,21 +35,44 @@ import math
 
 import torch
 
-from ._triton import HAVE_TRITON, TensorDescriptor, tl, triton
+from ._triton import HAVE_TRITON, TensorDescriptor, row_tile, tl, triton
 
-__all__ = ["HAVE_TRITON", "antidiagonal_block_mass"]
+__all__ = ["E4M3_MAX", "HAVE_TRITON", "antidiagonal_block_mass", "fp8_ready", "fp8_rows", "fp8_rows_reference"]
 
 LOG2E = 1.4426950408889634
+E4M3_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def fp8_rows_reference(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., n]`` as the fp8 path sees it (float32): each row scaled to a largest magnitude of 448, rounded to e4m3, scaled back."""
+    x = x.float()
+    amax = x.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, E4M3_MAX / amax, torch.ones_like(amax))
+    return (x * inv).to(torch.float8_e4m3fn).float() / inv
+
+
+def fp8_ready(x: torch.Tensor) -> bool:
+    """Whether the fused kernel can score in fp8 here: Triton and a GPU with fp8 tensor cores (compute capability 8.9 on)."""
+    return HAVE_TRITON and x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
 
 
 if HAVE_TRITON:
 
     @triton.jit
+    def _fp8_rows_kernel(x_ptr, y_ptr, scale_ptr, R, N, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+        rows, cols, ok, offsets = row_tile(R, N, ROWS, BLOCK_N)
+        x = tl.load(x_ptr + offsets, mask=ok, other=0.0).to(tl.float32)
+        amax = tl.max(tl.abs(x), axis=1)
+        inv = tl.where(amax > 0, 448.0 / amax, 1.0)  # E4M3_MAX
+        tl.store(y_ptr + offsets, (x * inv[:, None]).to(tl.float8e4nv), mask=ok)
+        tl.store(scale_ptr + rows, 1.0 / inv, mask=rows < R)
+
+    @triton.jit
     def _antidiagonal_kernel(
-        q_desc, k_desc, part_ptr, tmax_ptr, out_ptr,
-        R, ROW0, LK, TILES, KB, qk_scale,
+        q_desc, k_desc, q_scale_ptr, k_scale_ptr, part_ptr, tmax_ptr, out_ptr,
+        R, ROW0, LK, TILES, KB, KROWS, qk_scale,
         S: tl.constexpr, D: tl.constexpr, PER: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-        HEAD_MAJOR: tl.constexpr,
+        HEAD_MAJOR: tl.constexpr, SCALED: tl.constexpr,
     ):
         # the longest rows first: the causal tail balances. HEAD_MAJOR: one head's row tiles run together and
         # read its keys from L2 (else the same row tile of every head does). int64: scratch offsets pass 2^31
@@ -74,6 +104,10 @@ if HAVE_TRITON:
                 qt = q_desc.load([bh.to(tl.int32), tile_m * BM, t * D + d0]).reshape(BM, BK)
                 kt = k_desc.load([bh.to(tl.int32), tile_n * BN, (S - 1 - t) * D + d0]).reshape(BN, BK)
                 acc = tl.dot(qt, tl.trans(kt), acc)
+            if SCALED:  # fp8 rows: each carries its scale
+                q_scale = tl.load(q_scale_ptr + bh * R + rows, mask=row_ok, other=0.0)
+                k_scale = tl.load(k_scale_ptr + bh * KROWS + cols, mask=cols < KROWS, other=0.0)
+                acc = acc * (q_scale[:, None] * k_scale[None, :])
             s = acc * qk_scale  # log2 units
             allowed = (cols[None, :] <= abs_rows[:, None]) & (cols * S < LK)[None, :]
             s = tl.where(allowed, s, float("-inf"))
@@ -100,15 +134,32 @@ if HAVE_TRITON:
             tl.store(out_row[:, None] + kblocks[None, :], mass, mask=(qblocks < R // PER)[:, None])
 
 
+def fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [..., n]`` (CUDA) as e4m3 rows scaled to a largest magnitude of 448, and each row's scale (float32,
+    ``x ~ y * scale``): :func:`fp8_rows_reference` in one pass."""
+    if not HAVE_TRITON:
+        raise RuntimeError("fp8_rows needs triton: pip install triton")
+    n = x.shape[-1]
+    flat = x.reshape(-1, n).contiguous()
+    y = torch.empty(flat.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty(flat.shape[0], dtype=torch.float32, device=x.device)
+    block_n = max(16, triton.next_power_of_2(n))
+    rows = max(1, 8192 // block_n)
+    if flat.numel():
+        _fp8_rows_kernel[(triton.cdiv(flat.shape[0], rows),)](flat, y, scale, flat.shape[0], n, ROWS=rows, BLOCK_N=block_n)
+    return y.reshape(x.shape), scale.reshape(x.shape[:-1])
+
+
 def antidiagonal_block_mass(qp: torch.Tensor, kp: torch.Tensor, stride: int, block: int, row0: int, k_len: int,
-                            scale: float, *, tile: tuple[int, int, int] | None = None, num_warps: int = 8,
-                            num_stages: int = 3, head_major: bool = True) -> torch.Tensor:
+                            scale: float, *, fp8: bool = False, tile: tuple[int, int, int] | None = None,
+                            num_warps: int = 8, num_stages: int = 3, head_major: bool = True) -> torch.Tensor:
     """Per (query block, key block) the summed strided softmax ``[B, H, QB, KB]`` (float32), each row summing to ``block / stride``.
 
     ``qp [B, H, QB * block, D]`` and ``kp [B, H, KB * block, D]`` are
     block-aligned (padded); ``row0`` is the absolute strided index of qp's
     first strided row; keys from ``k_len`` on do not exist; ``scale``
-    multiplies the strided dot products. ``head_major`` launches one head's
+    multiplies the strided dot products. ``fp8``: score with e4m3 rows (see the
+    module notes; needs :func:`fp8_ready`). ``head_major`` launches one head's
     row tiles together (its keys are then read from L2, not memory) rather
     than the same row tile of every head.
     """
@@ -120,14 +171,20 @@ def antidiagonal_block_mass(qp: torch.Tensor, kp: torch.Tensor, stride: int, blo
     rows = lq // stride
     if d % 16 or lq % block or kp.shape[-2] % block or block % stride or kp.shape[:2] != (b, h):
         raise ValueError(f"antidiagonal scoring: q {tuple(qp.shape)}, k {tuple(kp.shape)}, block {block}, stride {stride} do not fit")
-    if tile is None:  # measured on an H100 at 64k tokens; smaller where shared memory is
+    if tile is None:  # measured on an H100 at 64k tokens (k-steps of 128 bytes); smaller where shared memory is
         big = torch.cuda.get_device_properties(qp.device).shared_memory_per_block_optin >= 200 * 1024 if qp.is_cuda else True
-        tile, num_warps, num_stages = ((128, 256, 64), 8, 4) if big else ((128, 128, 64), 8, 3)
+        step = 128 if fp8 else 64
+        tile, num_warps, num_stages = ((128, 256, step), 8, 3 if fp8 else 4) if big else ((128, 128, step), 8, 3)
     bm, bn, bk = max(tile[0], per), max(tile[1], per), min(tile[2], d & -d)  # whole blocks a tile; bk divides d
     tiles = -(-(kb * per) // bn)
     # [B*H, rows, S*D] views (a free reshape of contiguous inputs), read through TMA descriptors
     q3 = qp.contiguous().reshape(b * h, rows, stride * d)
     k3 = kp.contiguous().reshape(b * h, kb * per, stride * d)
+    q_scale = k_scale = None
+    if fp8:
+        if not fp8_ready(qp):
+            raise ValueError("antidiagonal scoring in fp8 needs a GPU of compute capability 8.9 or later")
+        (q3, q_scale), (k3, k_scale) = fp8_rows(q3), fp8_rows(k3)
     q_desc = TensorDescriptor.from_tensor(q3, [1, bm, bk])
     k_desc = TensorDescriptor.from_tensor(k3, [1, bn, bk])
     part = torch.empty(b * h, rows, tiles * (bn // per), device=qp.device, dtype=torch.float32)
@@ -135,8 +192,8 @@ def antidiagonal_block_mass(qp: torch.Tensor, kp: torch.Tensor, stride: int, blo
     out = torch.zeros(b, h, lq // block, part.shape[-1], device=qp.device, dtype=torch.float32)
     grid = (-(-rows // bm), b * h) if head_major else (b * h, -(-rows // bm))
     _antidiagonal_kernel[grid](
-        q_desc, k_desc, part, tmax, out,
-        rows, row0, k_len, tiles, part.shape[-1], scale * LOG2E,
-        S=stride, D=d, PER=per, BM=bm, BN=bn, BK=bk, HEAD_MAJOR=head_major, num_warps=num_warps, num_stages=num_stages,
+        q_desc, k_desc, q_scale, k_scale, part, tmax, out,
+        rows, row0, k_len, tiles, part.shape[-1], kb * per, scale * LOG2E,
+        S=stride, D=d, PER=per, BM=bm, BN=bn, BK=bk, HEAD_MAJOR=head_major, SCALED=fp8, num_warps=num_warps, num_stages=num_stages,
     )
     return out[..., :kb]

@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from ._triton import HAVE_TRITON, TensorDescriptor, tl, triton
+from ._triton import HAVE_TRITON, TensorDescriptor, row_tile, tl, triton
 
 __all__ = ["HAVE_TRITON", "block_sparse_attention", "kept_block_lists"]
 
@@ -135,10 +135,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _kept_lists_kernel(blocks_ptr, counts_ptr, indices_ptr, R, KB, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK_N)
-        inside = (rows < R)[:, None] & (cols < KB)[None, :]
-        offsets = rows[:, None].to(tl.int64) * KB + cols[None, :]
+        rows, cols, inside, offsets = row_tile(R, KB, ROWS, BLOCK_N)
         kept = tl.load(blocks_ptr + offsets, mask=inside, other=0).to(tl.int32)
         rank = tl.cumsum(kept, axis=1)  # 1-based rank of each kept block
         count = tl.sum(kept, axis=1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ._triton import HAVE_TRITON, tl, triton
+from ._triton import HAVE_TRITON, row_tile, tl, triton
 
 __all__ = ["MAX_ROW", "top_cumulative_rows"]
 
@@ -26,10 +26,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _top_cumulative_kernel(p_ptr, keep_ptr, R, N, threshold, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK_N)
-        ok = (rows < R)[:, None] & (cols < N)[None, :]
-        offsets = rows[:, None].to(tl.int64) * N + cols[None, :]
+        _, _, ok, offsets = row_tile(R, N, ROWS, BLOCK_N)
         p = tl.load(p_ptr + offsets, mask=ok, other=-1.0)  # padding sorts last and carries no mass
         ordered = tl.sort(p, dim=1, descending=True)
         mass = tl.maximum(ordered, 0.0)
