@@ -134,3 +134,25 @@ def test_fused_fp8_antidiagonal_scoring_matches_stock_ops(lq, lk, stride):
     bf16 = make_pattern("antidiagonal", block_size=block, stride=stride).mask(q, k).blocks
     fp8 = make_pattern("antidiagonal", block_size=block, stride=stride, fp8=True).mask(q, k).blocks
     assert (bf16 != fp8).sum().item() <= 0.02 * bf16.sum().item()
+
+
+@pytest.mark.parametrize("head_dim,expected", [(128, "triton"), (256, "flex")])
+def test_hf_auto_backend_on_cuda(head_dim, expected):
+    """``auto`` runs our Triton kernel for heads up to 128 (FlexAttention above), with the same logits as FlexAttention."""
+    from transformers import LlamaForCausalLM
+
+    from sparsa.attention import apply, remove
+    from conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    config = tiny_llama_config(256, hidden_size=4 * head_dim, head_dim=head_dim, intermediate_size=256)
+    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+    ids = torch.randint(0, 256, (1, 700), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    with torch.no_grad():
+        apply(model, "streaming", min_len=1, sink_blocks=1, local_blocks=2)
+        assert model.model.layers[0].self_attn.sparsa_attention.run_backend(ids.device, head_dim) == expected
+        auto = model(ids).logits.float()
+        apply(model, "streaming", min_len=1, sink_blocks=1, local_blocks=2, backend="flex")
+        flex = model(ids).logits.float()
+        remove(model)
+    assert ((auto - flex).norm() / flex.norm()).item() < 2e-2
