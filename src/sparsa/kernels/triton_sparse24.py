@@ -86,6 +86,8 @@ KERNEL_SHAPES = {"mma": MMA_SHAPES, "gemv": GEMV_SHAPES, "gemvg": GEMV_SHAPES}
 GEMV_KINDS = ("gemv", "gemvg")
 SPLITS = (1, 2, 4, 8)
 GEMV_MAX_M = 4  # gemv runs a program per token, re-reading the weight tile (from L2)
+# the GEMV's byte permute is NVIDIA PTX: not under Triton's interpreter, not on ROCm
+_PRMT = os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None
 
 
 @dataclass(frozen=True)
@@ -190,8 +192,8 @@ if HAVE_TRITON:
         With ``PRMT``, one byte permute picks both 16-bit inputs out of the
         group's two 32-bit halves: fewer instructions than two compare-and-select
         chains, which on an H200 made the GEMV 12-16% faster (its loop is bound
-        by instructions there, not by bytes). Triton's interpreter runs no
-        inline assembly, so it takes the selects: the same values.
+        by instructions there, not by bytes). The permute is NVIDIA PTX: Triton's
+        interpreter and ROCm take the selects, which give the same values.
         """
         lo = xq.to(tl.int32)[None, :]
         hi = (xq >> 32).to(tl.int32)[None, :]
@@ -373,7 +375,7 @@ def sparse24_matmul(
         _sparse24_gemv_kernel[grid](
             *args, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_G=bg, NUM_STAGES=cfg.num_stages,
             GATHER_META=cfg.kind == "gemvg", SUM_AT_ONCE=triton.next_power_of_2(split) if split > 1 else 0,
-            PRMT=os.environ.get("TRITON_INTERPRET") != "1",
+            PRMT=_PRMT,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
