@@ -15,6 +15,10 @@ greedy per-layer allocation (TEAL's: each layer's sites get different
 sparsities, the layer's weight-weighted mean stays at the target; cats has one
 site a layer, so greedy changes nothing there).
 
+``--weight-powers 0.125,0.25,0.5,1`` also runs wina (uniform) at each fixed
+``p``, to show how the evaluation text ranks the powers the calibration
+chooses among (information only: it is never used to choose).
+
 Goal (issue 7): the weight-informed method (wina) no worse than plain
 thresholds (teal) at every level, compared with the same allocation.
 """
@@ -34,6 +38,9 @@ def main() -> None:
     parser.add_argument("--allocations", default="uniform,greedy", help="uniform and/or greedy (greedy: teal and wina only)")
     parser.add_argument("--max-tokens", type=int, default=20480)
     parser.add_argument("--name", default="activation_quality")
+    parser.add_argument("--weight-powers", default="",
+                        help="also run wina (uniform) at these fixed powers p, e.g. 0.125,0.25,0.5,1: how the "
+                             "evaluation text ranks them (for information; the goals use the calibrated p)")
     args = parser.parse_args()
 
     from sparsa.activations import apply
@@ -52,11 +59,13 @@ def main() -> None:
     print(f"dense perplexity {dense:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     rows = []
     levels = [float(v) for v in args.levels.split(",")]
-    runs = [(m, a) for a in args.allocations.split(",") for m in args.methods.split(",") if a == "uniform" or m != "cats"]
-    for method, allocation in runs:
+    # (method, allocation, fixed weight power or None)
+    runs = [(m, a, None) for a in args.allocations.split(",") for m in args.methods.split(",") if a == "uniform" or m != "cats"]
+    runs += [("wina", "uniform", float(p)) for p in args.weight_powers.split(",") if p]
+    for method, allocation, power in runs:
         for level in levels:
             t0 = time.perf_counter()
-            handle = apply(lm, method, level, allocation=allocation)
+            handle = apply(lm, method, level, allocation=allocation, **({} if power is None else {"weight_power": power}))
             calibrate_s = time.perf_counter() - t0
             handle.start_tracking()
             value = ppl()
@@ -64,19 +73,21 @@ def main() -> None:
                          "ratio_to_dense": value / dense, "measured_sparsity": handle.measured_sparsity(),
                          "measured_weight_sparsity": handle.measured_weight_sparsity(),
                          "calibrate_s": calibrate_s, "weight_power": handle.config.weight_power if method == "wina" else None,
-                         "seconds": time.perf_counter() - t0})
+                         "fixed_power": power is not None, "seconds": time.perf_counter() - t0})
             handle.remove()
-            power = f", p={rows[-1]['weight_power']}" if method == "wina" else ""
+            shown = f", p={rows[-1]['weight_power']}" if method == "wina" else ""
             print(f"{method:5} {allocation:7} {level:.2f}: perplexity {value:8.3f} (x{value / dense:.2f}), measured sparsity "
-                  f"{rows[-1]['measured_sparsity']:.3f} (weight-weighted {rows[-1]['measured_weight_sparsity']:.3f}){power} ({rows[-1]['seconds']:.0f} s)", flush=True)
-    print(f"\n{'method':16} " + " ".join(f"{int(l * 100):>7}%" for l in levels) + f"   (dense {dense:.3f})")
-    for method, allocation in runs:
-        print(f"{method + ' ' + allocation:16} " + " ".join(f"{r['perplexity']:8.2f}" for r in rows
-                                                           if (r["method"], r["allocation"]) == (method, allocation)))
+                  f"{rows[-1]['measured_sparsity']:.3f} (weight-weighted {rows[-1]['measured_weight_sparsity']:.3f}){shown} ({rows[-1]['seconds']:.0f} s)", flush=True)
+    print(f"\n{'method':20} " + " ".join(f"{int(l * 100):>7}%" for l in levels) + f"   (dense {dense:.3f})")
+    for method, allocation, power in runs:
+        label = f"{method} {allocation}" + ("" if power is None else f" p={power:g}")
+        print(f"{label:20} " + " ".join(f"{r['perplexity']:8.2f}" for r in rows if (r["method"], r["allocation"]) == (method, allocation)
+                                       and r["fixed_power"] == (power is not None) and (power is None or r["weight_power"] == power)))
     goals = []
     for allocation in args.allocations.split(","):
         for level in levels:
-            by = {r["method"]: r["perplexity"] for r in rows if r["target"] == level and r["allocation"] == allocation}
+            by = {r["method"]: r["perplexity"] for r in rows
+                  if r["target"] == level and r["allocation"] == allocation and not r["fixed_power"]}
             if "wina" in by and "teal" in by:
                 goals.append(goal(f"{allocation}: wina / teal perplexity at {int(level * 100)}%", by["wina"] / by["teal"], 1.0))
     write_results(args.name, {"model": lm.info.summary(), "dense_perplexity": dense, "eval_tokens": args.max_tokens, "rows": rows}, goals)
