@@ -79,10 +79,13 @@ def main() -> None:
             print(f"{method:5} {allocation:7} {level:.2f}: perplexity {value:8.3f} (x{value / dense:.2f}), measured sparsity "
                   f"{rows[-1]['measured_sparsity']:.3f} (weight-weighted {rows[-1]['measured_weight_sparsity']:.3f}){shown} ({rows[-1]['seconds']:.0f} s)", flush=True)
     print(f"\n{'method':20} " + " ".join(f"{int(l * 100):>7}%" for l in levels) + f"   (dense {dense:.3f})")
-    for method, allocation, power in runs:
+    def run_of(r):  # the (method, allocation, fixed power) a row came from
+        return r["method"], r["allocation"], r["weight_power"] if r["fixed_power"] else None
+
+    for run in runs:
+        method, allocation, power = run
         label = f"{method} {allocation}" + ("" if power is None else f" p={power:g}")
-        print(f"{label:20} " + " ".join(f"{r['perplexity']:8.2f}" for r in rows if (r["method"], r["allocation"]) == (method, allocation)
-                                       and r["fixed_power"] == (power is not None) and (power is None or r["weight_power"] == power)))
+        print(f"{label:20} " + " ".join(f"{r['perplexity']:8.2f}" for r in rows if run_of(r) == run))
     goals = []
     for allocation in args.allocations.split(","):
         for level in levels:

@@ -279,7 +279,7 @@ if HAVE_TRITON:
         GATHER_META: tl.constexpr, SUM_AT_ONCE: tl.constexpr, PRMT: tl.constexpr,
     ):
         # One token per program (grid axis 0): no tensor cores; each kept value meets the
-        # x element its 2-bit position names (first is 0..2, second 1..3: two selects each).
+        # x element its 2-bit position names (first is 0..2, second 1..3: see _pick_inputs).
         pid_m = tl.program_id(0)  # token blocks vary fastest: programs sharing a weight tile run together
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
