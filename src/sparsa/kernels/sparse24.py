@@ -11,10 +11,16 @@ reads the metadata as int32 words of 8 groups); a padded group is simply all zer
   two values, ``values[n, 2g]`` and ``values[n, 2g+1]``, in increasing input
   order. A group with fewer than two nonzeros stores explicit zeros at the
   lowest free positions, so every group has two *distinct* positions.
-* ``meta``: ``uint8 [N, Kp/8]``, 4 bits per group, two groups per byte. Byte
-  ``b`` of row ``n`` describes groups ``2b`` (low nibble) and ``2b+1`` (high
-  nibble); in a nibble, bits 0-1 are the position (0..3) of the first kept
-  value and bits 2-3 that of the second (always first < second).
+* ``meta``: ``uint8 [N, Kp/8]``, 4 bits per group, read as little-endian
+  int32 *words* of eight groups. Word ``w`` of a row describes groups
+  ``8w .. 8w+7``: group ``8w + j`` has the position (0..3) of its first kept
+  value at bits ``s_j .. s_j+1``, ``s_j = 16 (j % 2) + 2 (j // 2)``, and that
+  of its second at bits ``s_j+8 .. s_j+9`` (always first < second). So a
+  word's byte 0 holds the first positions of its even groups, byte 1 their
+  second positions, bytes 2 and 3 the same for the odd groups. Why this
+  order: ``(word >> s_j) & 0x0303`` gives a kernel both positions of a group,
+  one byte apart, with two instructions, and one multiply-add turns that into
+  the selector of a byte permute (see :mod:`sparsa.kernels.triton_sparse24`).
 
 So a weight costs ``Kp/2`` values + ``Kp/8`` bytes per row: 4.5 bytes per
 group of four inputs instead of 8 (1.78x less memory traffic).
@@ -95,6 +101,29 @@ def _position_table() -> torch.Tensor:
 
 
 _TABLE = _position_table()
+# bit offset of the first position of group 8w + j in word w (the second's is 8 higher): see the docstring
+META_SHIFTS = tuple(16 * (j % 2) + 2 * (j // 2) for j in range(8))
+
+
+def _pack_meta(positions: torch.Tensor) -> torch.Tensor:
+    """Positions ``[r, Kp/4, 2]`` (int64) as metadata bytes ``uint8 [r, Kp/8]``."""
+    r, groups, _ = positions.shape
+    shifts = torch.tensor(META_SHIFTS, device=positions.device)
+    by_word = positions.reshape(r, groups // 8, 8, 2)
+    words = ((by_word[..., 0] << shifts) | (by_word[..., 1] << (shifts + 8))).sum(2)  # [r, Kp/32], disjoint bits
+    byte_shifts = torch.arange(0, 32, 8, device=positions.device)
+    return ((words[..., None] >> byte_shifts) & 255).to(torch.uint8).reshape(r, groups // 2)
+
+
+def _unpack_meta(meta: torch.Tensor) -> torch.Tensor:
+    """Metadata bytes ``uint8 [N, Kp/8]`` back to positions ``[N, Kp/4, 2]`` (int64)."""
+    n, nbytes = meta.shape
+    byte_shifts = torch.arange(0, 32, 8, device=meta.device)
+    words = (meta.to(torch.int64).reshape(n, nbytes // 4, 4) << byte_shifts).sum(2)
+    shifts = torch.tensor(META_SHIFTS, device=meta.device)
+    first = (words[..., None] >> shifts) & 3  # [N, Kp/32, 8]
+    second = (words[..., None] >> (shifts + 8)) & 3
+    return torch.stack((first, second), dim=3).reshape(n, nbytes * 2, 2)
 
 
 @dataclass
@@ -171,9 +200,7 @@ def compress_24(weight: torch.Tensor, name: str = "") -> Compressed24:
         code = nz[..., 0] | (nz[..., 1] << 1) | (nz[..., 2] << 2) | (nz[..., 3] << 3)  # [r, Kp/4] in 0..15
         positions = table[code.long()]  # [r, Kp/4, 2], first < second
         values[start : start + rows.shape[0]] = torch.gather(groups, 2, positions).reshape(rows.shape[0], kp // 2)
-        nibble = positions[..., 0] | (positions[..., 1] << 2)  # [r, Kp/4]
-        pairs = nibble.reshape(rows.shape[0], kp // 8, 2)
-        meta[start : start + rows.shape[0]] = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+        meta[start : start + rows.shape[0]] = _pack_meta(positions)
     return Compressed24(values, meta, k)
 
 
@@ -204,9 +231,7 @@ def decompress_24(compressed: Compressed24) -> torch.Tensor:
     values, meta = compressed.values, compressed.meta
     n, half = values.shape
     kp = 2 * half
-    byte = meta.to(torch.int64)
-    nibble = torch.stack((byte & 15, byte >> 4), dim=2).reshape(n, kp // 4)
-    positions = torch.stack((nibble & 3, nibble >> 2), dim=2)  # [N, Kp/4, 2]
+    positions = _unpack_meta(meta)  # [N, Kp/4, 2]
     dense = torch.zeros((n, kp // 4, 4), dtype=values.dtype, device=values.device)
     dense.scatter_(2, positions, values.reshape(n, kp // 4, 2))
     return dense.reshape(n, kp)[:, : compressed.in_features].contiguous()

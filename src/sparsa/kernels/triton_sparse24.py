@@ -2,14 +2,16 @@
 
 W arrives compressed (see :mod:`sparsa.kernels.sparse24` for the layout):
 ``values`` ``[N, Kp/2]`` (the two kept values of every group of four inputs)
-and ``meta`` ``uint8 [N, Kp/8]`` (a 4-bit nibble of two 2-bit positions per
-group). The kernels never materialise W in memory. They read the values as
+and ``meta`` ``uint8 [N, Kp/8]`` (two 2-bit positions per group, in an order
+chosen for these kernels). The kernels never materialise W in memory. They read the values as
 int32 (one per group: both kept values), the metadata as int32 words (eight
 groups each) and x as int64 (one per group: its four inputs), so every load
 is at least 4 bytes wide and Triton's pipeliner can stream it
-asynchronously (``num_stages``).
+asynchronously (``num_stages``). Rows and tokens past the end wrap around
+(their results are not stored), and when the K steps cover the groups
+exactly (``EVEN``: the usual case) no load in the loop is masked at all.
 
-``mma`` (any M, tokens padded to ``BLOCK_M`` >= 16 by masking): a program owns
+``mma`` (any M, tokens padded to ``BLOCK_M`` >= 16): a program owns
 ``BLOCK_N`` output features and ``BLOCK_M`` tokens and walks its share of K
 ``BLOCK_G`` groups at a time. It rebuilds the weight in registers as four
 ``[BLOCK_N, BLOCK_G]`` tiles, one per position ``p`` of a group (tile ``p``
@@ -22,10 +24,10 @@ interleaving.
 ``gemv`` (the decode step, one token per program): no tensor cores; each kept
 value is multiplied by the x element its 2-bit position names (both of a
 group's picked out of its int64 word by one byte permute, ``prmt``) and
-accumulated in float32. ``gemvg`` is the same kernel reading each group's
-metadata word by a broadcast load (eight neighbouring lanes, one address)
-instead of loading the words once and repeating them in registers; which is
-faster depends on the shape, so the dispatcher times both.
+accumulated in float32. On an H200 this loop is bound by its instruction
+count, not by memory, so the metadata layout and the mask-free loop are
+there to keep that count low: about 14 instructions per group of four
+inputs in the compiled loop, half of what the first version needed.
 
 Split-K: with few output tiles (tall-skinny layers, decode), ``split_k``
 programs share a tile's K range and the last to arrive sums the partials in
@@ -73,17 +75,17 @@ MMA_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (64, 256, 4, 3),  # not with BLOCK_M = 64: too many registers
     (128, 128, 8, 3),
 )
-# "gemv"/"gemvg": one token per program, no tensor cores: the decode step (M = 1..4).
+# "gemv": one token per program, no tensor cores: the decode step (M = 1..4). The
+# fastest at every Llama-3 8B/70B shape on an H200, fp16 and bf16, within 5%.
 GEMV_SHAPES: tuple[tuple[int, int, int, int], ...] = (
-    (16, 256, 4, 3),
-    (32, 256, 4, 4),
-    (64, 256, 8, 3),
+    (16, 512, 4, 3),
     (16, 512, 4, 4),
-    (32, 512, 8, 3),
-    (64, 512, 8, 3),
+    (16, 512, 4, 2),
+    (16, 256, 4, 4),
+    (32, 256, 4, 4),
+    (32, 512, 8, 4),
 )
-KERNEL_SHAPES = {"mma": MMA_SHAPES, "gemv": GEMV_SHAPES, "gemvg": GEMV_SHAPES}
-GEMV_KINDS = ("gemv", "gemvg")
+KERNEL_SHAPES = {"mma": MMA_SHAPES, "gemv": GEMV_SHAPES}
 SPLITS = (1, 2, 4, 8)
 GEMV_MAX_M = 4  # gemv runs a program per token, re-reading the weight tile (from L2)
 # the GEMV's byte permute is NVIDIA PTX: not under Triton's interpreter, not on ROCm
@@ -92,7 +94,7 @@ _PRMT = os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None
 
 @dataclass(frozen=True)
 class TritonConfig:
-    kind: str  # "mma", "gemv" or "gemvg"
+    kind: str  # "mma" or "gemv"
     block_n: int
     block_k: int  # dense input columns per step: 4 * BLOCK_G groups (>= 64 for "mma": 4 dots of K >= 16)
     split_k: int = 1
@@ -143,12 +145,12 @@ def _splits(tiles: int, k: int, block_k: int, sms: int) -> list[int]:
 def candidate_configs(m: int, n: int, k: int, sms: int = 132) -> list[TritonConfig]:
     """The configurations worth timing for ``m`` tokens of an ``(n, k)`` layer."""
     out: list[TritonConfig] = []
-    kinds = (*GEMV_KINDS, "mma") if m <= GEMV_MAX_M else ("mma",)
+    kinds = ("gemv", "mma") if m <= GEMV_MAX_M else ("mma",)
     for kind in kinds:
         for bn, bk, warps, stages in KERNEL_SHAPES[kind]:
             if kind == "mma" and block_m_for(m) * bk > 32 * 256:
                 continue
-            tiles = _cdiv(n, bn) * (m if kind in GEMV_KINDS else _cdiv(m, block_m_for(m)))
+            tiles = _cdiv(n, bn) * (m if kind == "gemv" else _cdiv(m, block_m_for(m)))
             splits = _splits(tiles, k, bk, sms) if m <= 64 else [1]
             out.extend(TritonConfig(kind, bn, bk, split, warps, stages) for split in splits)
     return out
@@ -159,18 +161,37 @@ def default_config(m: int, n: int, k: int, sms: int = 132) -> TritonConfig:
     kind = "gemv" if m <= GEMV_MAX_M else "mma"
     bn, bk, warps, stages = KERNEL_SHAPES[kind][1 if kind == "gemv" else 0]
     tiles = _cdiv(n, bn) * (m if kind == "gemv" else _cdiv(m, block_m_for(m)))
-    split = _splits(tiles, k, bk, sms)[-1] if m <= 64 else 1
+    # the GEMV keeps the memory pipes busy from about one tile per SM (H200 measurements)
+    split = 1 if m > 64 or (kind == "gemv" and tiles >= sms) else _splits(tiles, k, bk, sms)[-1]
     return TritonConfig(kind, bn, bk, split, warps, stages)
 
 
 if HAVE_TRITON:
 
     @triton.jit
-    def _group_words(word_rows, g0, n_ok, G, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-        """The metadata word of each group g0 .. g0+BLOCK_G-1 (one load per word, then repeated 8 times)."""
+    def _load_weights(pair_rows, word_rows, g0, G, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, EVEN: tl.constexpr):
+        """Groups g0 .. g0+BLOCK_G-1 of the tile's rows: kept values (int32, both of a group) and metadata words.
+
+        The words are loaded once (eight groups each) and repeated in registers, so
+        ``word[:, i]`` is group ``g0 + i``'s word. The rows are always in range
+        (callers wrap them); with ``EVEN`` the groups are too, and nothing is masked.
+        """
+        g = g0 + tl.arange(0, BLOCK_G)
         gw = g0 // 8 + tl.arange(0, BLOCK_G // 8)
-        words = tl.load(word_rows + gw[None, :], mask=n_ok[:, None] & (gw < G // 8)[None, :], other=0)
-        return tl.reshape(tl.broadcast_to(words[:, :, None], (BLOCK_N, BLOCK_G // 8, 8)), (BLOCK_N, BLOCK_G))
+        if EVEN:
+            pairs = tl.load(pair_rows + g[None, :])
+            words = tl.load(word_rows + gw[None, :])
+        else:
+            pairs = tl.load(pair_rows + g[None, :], mask=(g < G)[None, :], other=0)
+            words = tl.load(word_rows + gw[None, :], mask=(gw < G // 8)[None, :], other=0)
+        word = tl.reshape(tl.broadcast_to(words[:, :, None], (BLOCK_N, BLOCK_G // 8, 8)), (BLOCK_N, BLOCK_G))
+        return pairs, word
+
+    @triton.jit
+    def _meta_shifts(BLOCK_G: tl.constexpr):
+        """Where each of BLOCK_G consecutive groups (from a multiple of 8) finds its positions in its word."""
+        j = tl.arange(0, BLOCK_G) % 8
+        return (16 * (j % 2) + 2 * (j // 2))[None, :]
 
     @triton.jit
     def _unpack2(word, dt: tl.constexpr):
@@ -184,27 +205,28 @@ if HAVE_TRITON:
         return word.to(tl.int16).to(dt, bitcast=True).to(tl.float32), (word >> 16).to(tl.int16).to(dt, bitcast=True).to(tl.float32)
 
     @triton.jit
-    def _pick_inputs(xq, nibble, dt: tl.constexpr, PRMT: tl.constexpr):
+    def _pick_inputs(xq, positions, dt: tl.constexpr, PRMT: tl.constexpr):
         """x at each kept value's position, as float32: ``x[4g + first]`` and ``x[4g + second]``.
 
-        ``xq`` [BLOCK_G] holds each group's four 16-bit inputs, ``nibble``
-        [BLOCK_N, BLOCK_G] each row's two 2-bit positions (first, second).
-        With ``PRMT``, one byte permute picks both 16-bit inputs out of the
-        group's two 32-bit halves: fewer instructions than two compare-and-select
-        chains, which on an H200 made the GEMV 12-16% faster (its loop is bound
-        by instructions there, not by bytes). The permute is NVIDIA PTX: Triton's
-        interpreter and ROCm take the selects, which give the same values.
+        ``xq`` [BLOCK_G] holds each group's four 16-bit inputs, ``positions``
+        [BLOCK_N, BLOCK_G] each row's first position in bits 0-1 and second in
+        bits 8-9 (``(word >> shift) & 0x0303``). With ``PRMT``, one multiply-add
+        makes that the selector of a byte permute (``prmt``), which picks both
+        16-bit inputs out of the group's two 32-bit halves: position p becomes
+        the byte pair (2p, 2p+1), i.e. the selector nibbles 0x10 + 0x22 p. The
+        GEMV's loop is bound by instructions on an H200, not by bytes, so this
+        count matters. The permute is NVIDIA PTX: Triton's interpreter and ROCm
+        take compare-and-select chains, which give the same values.
         """
         lo = xq.to(tl.int32)[None, :]
         hi = (xq >> 32).to(tl.int32)[None, :]
-        first = nibble & 3  # 0..2
-        second = nibble >> 2  # 1..3
         if PRMT:
-            # result bytes 0-1 <- input bytes 2*first, 2*first+1; bytes 2-3 <- 2*second, 2*second+1
-            selector = first * 0x22 + second * 0x2200 + 0x1010
+            selector = positions * 0x22 + 0x1010
             both = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [lo, hi, selector],
                                              dtype=tl.int32, is_pure=True, pack=1)
             return _unpack2(both, dt)
+        first = positions & 3  # 0..2
+        second = positions >> 8  # 1..3
         x0, x1 = _unpack2(lo, dt)
         x2, x3 = _unpack2(hi, dt)
         xa = tl.where(first == 0, x0, tl.where(first == 1, x1, x2))
@@ -218,9 +240,11 @@ if HAVE_TRITON:
         stride_xm, stride_pn, stride_wn, stride_ym,
         split_k, steps_per_split,
         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
+        EVEN: tl.constexpr,
     ):
         # xq: x as int64, one word = the 4 inputs of a group; pairs: int32 = the 2 kept values of a group;
-        # words: int32 = the metadata nibbles of 8 consecutive groups (group 8w+j in bits 4j..4j+3).
+        # words: int32 = the metadata of 8 consecutive groups (layout: sparsa.kernels.sparse24).
+        # EVEN: the splits cover the G groups exactly and x has all of them (KG == G): no masks in the loop.
         pid_m = tl.program_id(0)  # token blocks vary fastest: programs sharing a weight tile run together
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
@@ -229,30 +253,30 @@ if HAVE_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_g = tl.arange(0, BLOCK_G)
-        n_ok = offs_n < N
-        m_ok = offs_m < M
+        shifts = _meta_shifts(BLOCK_G)
 
-        # this program's groups: [g_begin, g_end), clipped to G by the masks (only the last
-        # split can overrun, and it has the least work); g_begin is a multiple of BLOCK_G,
+        # this program's groups: [g_begin, g_end), clipped to G by the masks unless EVEN (only the
+        # last split can overrun, and it has the least work); g_begin is a multiple of BLOCK_G,
         # which the compiler sees, so the value loads are wide
         g_begin = pid_k * steps_per_split * BLOCK_G
         g_end = g_begin + steps_per_split * BLOCK_G
 
-        pair_rows = pairs_ptr + offs_n[:, None].to(tl.int64) * stride_pn
-        word_rows = words_ptr + offs_n[:, None].to(tl.int64) * stride_wn
-        x_rows = xq_ptr + offs_m[None, :].to(tl.int64) * stride_xm
+        # rows and tokens past the end wrap around (in range, so unmasked); their results are not stored
+        pair_rows = pairs_ptr + (offs_n % N)[:, None].to(tl.int64) * stride_pn
+        word_rows = words_ptr + (offs_n % N)[:, None].to(tl.int64) * stride_wn
+        x_rows = xq_ptr + (offs_m % M)[None, :].to(tl.int64) * stride_xm
 
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         for g0 in range(g_begin, g_end, BLOCK_G):
             g = g0 + offs_g
-            g_ok = g < G
-            w_ok = n_ok[:, None] & g_ok[None, :]
-            pairs = tl.load(pair_rows + g[None, :], mask=w_ok, other=0)
-            word = _group_words(word_rows, g0, n_ok, G, BLOCK_N, BLOCK_G)
-            xq = tl.load(x_rows + g[:, None], mask=(g < KG)[:, None] & m_ok[None, :], other=0)
-            nibble = (word >> ((g % 8) * 4)[None, :]) & 15
-            first = nibble & 3  # 0..2
-            second = nibble >> 2  # 1..3
+            pairs, word = _load_weights(pair_rows, word_rows, g0, G, BLOCK_N, BLOCK_G, EVEN)
+            if EVEN:
+                xq = tl.load(x_rows + g[:, None])
+            else:
+                xq = tl.load(x_rows + g[:, None], mask=(g < KG)[:, None], other=0)
+            positions = (word >> shifts) & 0x0303
+            first = positions & 3  # 0..2
+            second = positions >> 8  # 1..3
             v0 = pairs.to(tl.int16).to(dt, bitcast=True)
             v1 = (pairs >> 16).to(tl.int16).to(dt, bitcast=True)
             zero = tl.zeros_like(v0)
@@ -276,40 +300,36 @@ if HAVE_TRITON:
         stride_xm, stride_pn, stride_wn, stride_ym,
         split_k, steps_per_split,
         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, NUM_STAGES: tl.constexpr,
-        GATHER_META: tl.constexpr, SUM_AT_ONCE: tl.constexpr, PRMT: tl.constexpr,
+        EVEN: tl.constexpr, SUM_AT_ONCE: tl.constexpr, PRMT: tl.constexpr,
     ):
         # One token per program (grid axis 0): no tensor cores; each kept value meets the
-        # x element its 2-bit position names (first is 0..2, second 1..3: see _pick_inputs).
-        pid_m = tl.program_id(0)  # token blocks vary fastest: programs sharing a weight tile run together
+        # x element its 2-bit position names (see _pick_inputs). Arguments as in the mma kernel.
+        pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         dt = y_ptr.dtype.element_ty
 
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_g = tl.arange(0, BLOCK_G)
-        n_ok = offs_n < N
+        shifts = _meta_shifts(BLOCK_G)
 
         g_begin = pid_k * steps_per_split * BLOCK_G
         g_end = g_begin + steps_per_split * BLOCK_G
 
-        pair_rows = pairs_ptr + offs_n[:, None].to(tl.int64) * stride_pn
-        word_rows = words_ptr + offs_n[:, None].to(tl.int64) * stride_wn
+        pair_rows = pairs_ptr + (offs_n % N)[:, None].to(tl.int64) * stride_pn
+        word_rows = words_ptr + (offs_n % N)[:, None].to(tl.int64) * stride_wn
         x_row = xq_ptr + pid_m.to(tl.int64) * stride_xm
 
         acc2 = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.float32)
         # no dot in this loop, so ask for the software pipeline explicitly
         for g0 in tl.range(g_begin, g_end, BLOCK_G, num_stages=NUM_STAGES):
             g = g0 + offs_g
-            g_ok = g < G
-            w_ok = n_ok[:, None] & g_ok[None, :]
-            pairs = tl.load(pair_rows + g[None, :], mask=w_ok, other=0)
-            if GATHER_META:
-                word = tl.load(word_rows + (g // 8)[None, :], mask=w_ok, other=0)
+            pairs, word = _load_weights(pair_rows, word_rows, g0, G, BLOCK_N, BLOCK_G, EVEN)
+            if EVEN:
+                xq = tl.load(x_row + g)
             else:
-                word = _group_words(word_rows, g0, n_ok, G, BLOCK_N, BLOCK_G)
-            xq = tl.load(x_row + g, mask=g < KG, other=0)
-            nibble = (word >> ((g % 8) * 4)[None, :]) & 15
-            xa, xb = _pick_inputs(xq, nibble, dt, PRMT)
+                xq = tl.load(x_row + g, mask=g < KG, other=0)
+            xa, xb = _pick_inputs(xq, (word >> shifts) & 0x0303, dt, PRMT)
             v0, v1 = _unpack2(pairs, dt)
             acc2 += v0 * xa
             acc2 += v1 * xb
@@ -353,11 +373,12 @@ def sparse24_matmul(
         return out
     cfg = config or default_config(m, n, k, _sm_count(x.device))
     groups = kp // 4
-    gemv = cfg.kind in GEMV_KINDS
+    gemv = cfg.kind == "gemv"
     bm = 1 if gemv else block_m_for(m)
     bg = cfg.block_k // 4
     steps = _cdiv(_cdiv(groups, cfg.split_k), bg)  # BLOCK_G steps per split
     split = _cdiv(groups, steps * bg)
+    even = groups == split * steps * bg and k // 4 == groups
     grid = (_cdiv(m, bm), _cdiv(n, cfg.block_n), split)
     ws, counters = workspace(split, m, n, grid[0] * grid[1], x.device)
     pairs = values.view(torch.int32)
@@ -374,13 +395,12 @@ def sparse24_matmul(
     if gemv:
         _sparse24_gemv_kernel[grid](
             *args, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_G=bg, NUM_STAGES=cfg.num_stages,
-            GATHER_META=cfg.kind == "gemvg", SUM_AT_ONCE=triton.next_power_of_2(split) if split > 1 else 0,
-            PRMT=_PRMT,
+            EVEN=even, SUM_AT_ONCE=triton.next_power_of_2(split) if split > 1 else 0, PRMT=_PRMT,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     else:
         _sparse24_mma_kernel[grid](
-            *args, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_M=bm, BLOCK_G=bg,
+            *args, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_M=bm, BLOCK_G=bg, EVEN=even,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     return out
