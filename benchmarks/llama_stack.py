@@ -6,11 +6,14 @@ hidden 4096, FFN 14336; a static KV cache. The linear layers come from a
 factory ``linear(out_features, in_features, seed)``, so each benchmark
 chooses its weights (random 2:4, random dense). :func:`time_decode` times one
 decode step captured in a CUDA graph, as a serving engine runs it;
+:func:`time_decode_eager` times it without a graph, as a plain Python loop
+(Hugging Face ``generate``) runs it, launch costs included;
 :func:`compile_glue` fuses the small operations between the linears.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 import torch
@@ -133,6 +136,20 @@ def time_decode(model, context: int, reps: int) -> tuple[float, torch.Tensor]:
     with torch.cuda.graph(graph):
         out = model(token, context)
     return cuda_median_ms(graph.replay, reps=reps, warmup=3), out.clone()
+
+
+def time_decode_eager(model, context: int, steps: int) -> float:
+    """Milliseconds per decode step at position ``context`` without a CUDA graph: wall time over ``steps``
+    steps, so a step costs whichever is longer, the GPU's work or the CPU's launches."""
+    token = torch.randn(1, 1, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(7))
+    for _ in range(3):
+        model(token, context)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        model(token, context)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1000.0 / steps
 
 
 def rel_error(a, b) -> float:

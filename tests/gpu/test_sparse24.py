@@ -197,6 +197,33 @@ def test_keep_dense_false_never_runs_dense():
         check(y, reference(x, lin.weight, None), f"keep_dense=False m={m}")
 
 
+def test_prepared_calls_take_fresh_inputs():
+    """From the second call of a token count on, the layer launches the compiled Triton kernel directly."""
+    n, k = 1000, 4100
+    lin = make_linear(n, k, torch.bfloat16, bias=True, seed=5)
+    layer = SparseLinear24.from_linear(lin, "prepared", keep_dense=False)
+    for m in (1, 2, 3):
+        with torch.no_grad():
+            for seed in range(4):
+                x = fresh_x(m, k, torch.bfloat16, 10 * m + seed)
+                with nan_filled_allocations():
+                    y = layer(x)
+                check(y, reference(x, lin.weight, lin.bias), f"call {seed}, m={m}")
+            if layer.route(m)[0] == "triton":
+                assert layer._calls[m]._launch is not None, "the prepared call never launched directly"
+            # 8 but not 16-byte aligned: the direct launch (compiled for aligned inputs) must not take it
+            buf = torch.empty(m * k + 4, dtype=torch.bfloat16, device="cuda")
+            x = buf[4:].view(m, k)
+            x.copy_(fresh_x(m, k, torch.bfloat16, 99))
+            assert x.data_ptr() % 16 == 8
+            check(layer(x), reference(x, lin.weight, lin.bias), f"misaligned input, m={m}")
+    layer.cuda()  # a move (even to where it is) drops what was prepared for the old tensors
+    assert not layer._calls and not layer._routes
+    with torch.no_grad():
+        x = fresh_x(1, k, torch.bfloat16, 7)
+        check(layer(x), reference(x, lin.weight, lin.bias), "after .cuda()")
+
+
 def test_bad_inputs_name_the_layer():
     fp32 = nn.Linear(64, 32, device="cuda")
     with torch.no_grad():

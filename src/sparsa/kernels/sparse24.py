@@ -285,6 +285,7 @@ class SparseLinear24(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.cslt_rows = _round_up(self.out_features, N_ALIGN_CSLT)
         self._routes: dict[tuple, tuple] = {}  # (token bucket, dtype) -> (path, triton config, cuSPARSELt algorithm)
+        self._calls: dict[int, object] = {}  # tokens -> PreparedCall, where the measured route is Triton
         self.shares_values = False
 
     # ----------------------------------------------------------------- building
@@ -413,12 +414,16 @@ class SparseLinear24(nn.Module):
             y += self.bias
         return y
 
+    def _route_key(self, m: int) -> tuple:
+        from .dispatch import bucket
+
+        return (bucket(m), self.values.dtype)
+
     def route(self, m: int) -> tuple:
         """``(path, triton config, cuSPARSELt algorithm)`` for ``m`` tokens, measured once per bucket."""
         from . import dispatch
 
-        bucket = dispatch.bucket(m)
-        key = (bucket, self.values.dtype)
+        key = self._route_key(m)
         route = self._routes.get(key)
         if route is None:
             paths = self.available_paths()
@@ -426,7 +431,7 @@ class SparseLinear24(nn.Module):
             if forced:
                 require(forced in paths, f"SPARSA_24_PATH={forced} but {_label(self.name)} can run: {', '.join(paths)}")
                 return (forced, None, None)
-            plan = dispatch.plan_for(self, bucket)
+            plan = dispatch.plan_for(self, key[0])
             route = (plan.best(paths), plan.config(), plan.algorithm())
             if plan.measured:
                 self._routes[key] = route
@@ -447,9 +452,23 @@ class SparseLinear24(nn.Module):
             return x.new_empty(*lead, self.out_features)
         if x2d.stride(1) != 1:
             x2d = x2d.contiguous()
-        path, config, algorithm = self.route(x2d.shape[0])
+        m = x2d.shape[0]
+        call = self._calls.get(m)
+        if call is not None:  # decode: no routing, no argument checks, a direct launch
+            return call(x2d).reshape(*lead, self.out_features)
+        path, config, algorithm = self.route(m)
         y = self.run(x2d, path, config=config, algorithm=algorithm)
+        if path == "triton" and config is not None and self._route_key(m) in self._routes:  # measured, not forced
+            from .triton_sparse24 import PreparedCall
+
+            self._calls[m] = PreparedCall(m, self.values, self.meta, self.in_features, self.bias, config)
         return y.reshape(*lead, self.out_features)
+
+    def _apply(self, fn, *args, **kwargs):
+        # a move or cast makes new tensors: prepared calls and routes would point at the old ones
+        self._calls.clear()
+        self._routes.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         return (

@@ -54,6 +54,7 @@ __all__ = [
     "HAVE_TRITON",
     "KERNEL_SHAPES",
     "MMA_SHAPES",
+    "PreparedCall",
     "TRITON_MAX_M",
     "TritonConfig",
     "block_m_for",
@@ -372,35 +373,70 @@ def sparse24_matmul(
     if m == 0:
         return out
     cfg = config or default_config(m, n, k, _sm_count(x.device))
-    groups = kp // 4
-    gemv = cfg.kind == "gemv"
-    bm = 1 if gemv else block_m_for(m)
-    bg = cfg.block_k // 4
-    steps = _cdiv(_cdiv(groups, cfg.split_k), bg)  # BLOCK_G steps per split
-    split = _cdiv(groups, steps * bg)
-    even = groups == split * steps * bg and k // 4 == groups
-    grid = (_cdiv(m, bm), _cdiv(n, cfg.block_n), split)
-    ws, counters = workspace(split, m, n, grid[0] * grid[1], x.device)
-    pairs = values.view(torch.int32)
-    words = meta.view(torch.int32)
-    if x.stride(0) % 4 or x.storage_offset() % 4:
-        x = x.contiguous()  # the int64 view needs 8-byte aligned rows
-    xq = x.view(torch.int64)
-    args = (
-        xq, pairs, words, bias if bias is not None else out, out, ws, counters,
-        m, n, k // 4, groups,
-        xq.stride(0), pairs.stride(0), words.stride(0), out.stride(0),
-        split, steps,
-    )
-    if gemv:
-        _sparse24_gemv_kernel[grid](
-            *args, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_G=bg, NUM_STAGES=cfg.num_stages,
-            EVEN=even, SUM_AT_ONCE=triton.next_power_of_2(split) if split > 1 else 0, PRMT=_PRMT,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    else:
-        _sparse24_mma_kernel[grid](
-            *args, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_M=bm, BLOCK_G=bg, EVEN=even,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )
-    return out
+    return PreparedCall(m, values, meta, in_features, bias, cfg)(x, out)
+
+
+class PreparedCall:
+    """:func:`sparse24_matmul` for one weight, token count and configuration, worked out once.
+
+    A layer keeps one per token count, so that a decode step's call is an
+    output allocation and a launch. After the first call, which compiles or
+    finds the kernel through ``kernel[grid](...)``, later calls launch the
+    compiled kernel directly: Triton's binding and specialisation of every
+    argument on every call is most of a small call's CPU time. That is valid
+    while every argument the kernel was specialised on is unchanged, and only
+    ``x`` and the output vary: ``x``'s row stride and 16-byte alignment are
+    checked, the output is allocated here. Inputs and arguments are not
+    validated (:func:`sparse24_matmul` does that).
+    """
+
+    def __init__(self, m: int, values: torch.Tensor, meta: torch.Tensor, in_features: int,
+                 bias: torch.Tensor | None, cfg: TritonConfig) -> None:
+        n, half = values.shape
+        groups = half // 2
+        self.m, self.n, self.dtype, self.device = m, n, values.dtype, values.device
+        gemv = cfg.kind == "gemv"
+        bg = cfg.block_k // 4
+        steps = _cdiv(_cdiv(groups, cfg.split_k), bg)  # BLOCK_G steps per split
+        self.split = _cdiv(groups, steps * bg)
+        even = groups == self.split * steps * bg and in_features // 4 == groups
+        self.grid = (_cdiv(m, 1 if gemv else block_m_for(m)), _cdiv(n, cfg.block_n), self.split)
+        self.tiles = self.grid[0] * self.grid[1]
+        # without split-K the workspace is a placeholder the kernel never touches: fixed
+        self._fixed_ws = workspace(1, m, n, self.tiles, self.device) if self.split == 1 else None
+        self.bias = bias
+        self.pairs, self.words = values.view(torch.int32), meta.view(torch.int32)
+        self.sizes = (m, n, in_features // 4, groups)
+        self.tail = (self.pairs.stride(0), self.words.stride(0), n, self.split, steps)  # strides of W and y; split-K
+        if gemv:
+            self.kernel = _sparse24_gemv_kernel
+            self.constexprs = dict(HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_G=bg, NUM_STAGES=cfg.num_stages,
+                                   EVEN=even, SUM_AT_ONCE=triton.next_power_of_2(self.split) if self.split > 1 else 0,
+                                   PRMT=_PRMT)
+        else:
+            self.kernel = _sparse24_mma_kernel
+            self.constexprs = dict(HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_M=block_m_for(m), BLOCK_G=bg,
+                                   EVEN=even)
+        self.options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        self._launch = None  # the compiled kernel's launcher, after the first call
+        self._x_stride = None  # the row stride of x (in int64 words) it was specialised for
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            out = torch.empty((self.m, self.n), dtype=self.dtype, device=self.device)
+        if x.stride(0) % 4 or x.storage_offset() % 4:
+            x = x.contiguous()  # the int64 view needs 8-byte aligned rows
+        xq = x.view(torch.int64)
+        ws, counters = self._fixed_ws or workspace(self.split, self.m, self.n, self.tiles, self.device)
+        args = (xq, self.pairs, self.words, out if self.bias is None else self.bias, out, ws, counters,
+                *self.sizes, xq.stride(0), *self.tail)
+        if self._launch is not None and xq.stride(0) == self._x_stride and xq.data_ptr() % 16 == 0:
+            try:
+                self._launch(*args, *self.constexprs.values())
+                return out
+            except TypeError:  # a Triton whose launcher takes other arguments: bind them on every call
+                self._launch = None
+        compiled = self.kernel[self.grid](*args, **self.constexprs, **self.options)
+        if self._x_stride is None and xq.data_ptr() % 16 == 0 and hasattr(compiled, "__getitem__"):
+            self._launch, self._x_stride = compiled[self.grid], xq.stride(0)
+        return out
