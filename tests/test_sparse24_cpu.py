@@ -3,8 +3,10 @@ and the Triton kernels under Triton's interpreter (when triton is installed)."""
 
 from __future__ import annotations
 
+import copy
 import importlib
 import textwrap
+import threading
 import warnings
 
 import pytest
@@ -95,6 +97,31 @@ def test_from_linear_errors_name_the_layer():
     cpu = _linear(random_24(8, 16, dtype=torch.float16))
     with pytest.raises(InputError, match="layer v_proj is on cpu.*CUDA"):
         SparseLinear24.from_linear(cpu, "v_proj")
+
+
+def test_prepared_calls_are_dropped_when_the_tensors_change():
+    w = random_24(8, 32, dtype=torch.bfloat16)
+    layer = SparseLinear24(compress_24(w), torch.zeros(8, dtype=torch.bfloat16), name="t", dense_weight=w)
+
+    def prepare():  # stands in for a prepared call, which holds a compiled kernel that does not copy
+        layer._calls[1] = threading.Lock()
+        layer._routes[(1, torch.bfloat16)] = ("triton", None, None)
+
+    def dropped():
+        return not layer._calls and not layer._routes
+
+    prepare()
+    twin = copy.deepcopy(layer)
+    assert twin._calls == {} and layer._calls, "a copy starts unprepared; the original keeps its calls"
+    assert torch.equal(twin.values, layer.values)
+    layer.to(torch.float16)
+    assert dropped() and layer.values.dtype == torch.float16 and layer.meta.dtype == torch.uint8
+    prepare()
+    layer.values = layer.values.clone()
+    assert dropped()
+    prepare()
+    layer.load_state_dict(layer.state_dict(), assign=True)
+    assert dropped()
 
 
 def test_buckets():

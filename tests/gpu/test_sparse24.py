@@ -202,6 +202,7 @@ def test_prepared_calls_take_fresh_inputs():
     n, k = 1000, 4100
     lin = make_linear(n, k, torch.bfloat16, bias=True, seed=5)
     layer = SparseLinear24.from_linear(lin, "prepared", keep_dense=False)
+    routed = []
     for m in (1, 2, 3):
         with torch.no_grad():
             for seed in range(4):
@@ -210,13 +211,18 @@ def test_prepared_calls_take_fresh_inputs():
                     y = layer(x)
                 check(y, reference(x, lin.weight, lin.bias), f"call {seed}, m={m}")
             if layer.route(m)[0] == "triton":
-                assert layer._calls[m]._launch is not None, "the prepared call never launched directly"
+                routed.append(m)
+                assert layer._calls[m]._direct, "the prepared call never launched directly"
             # 8 but not 16-byte aligned: the direct launch (compiled for aligned inputs) must not take it
             buf = torch.empty(m * k + 4, dtype=torch.bfloat16, device="cuda")
             x = buf[4:].view(m, k)
             x.copy_(fresh_x(m, k, torch.bfloat16, 99))
             assert x.data_ptr() % 16 == 8
             check(layer(x), reference(x, lin.weight, lin.bias), f"misaligned input, m={m}")
+            # another row stride: specialised differently, so not the direct launch either
+            x = fresh_x(m, k + 32, torch.bfloat16, 98)[:, :k]
+            check(layer(x), reference(x, lin.weight, lin.bias), f"row stride {k + 32}, m={m}")
+    assert routed, "no token count ran on Triton: prepared calls were not exercised"
     layer.cuda()  # a move (even to where it is) drops what was prepared for the old tensors
     assert not layer._calls and not layer._routes
     with torch.no_grad():

@@ -38,7 +38,14 @@ Memory beside the dense weight it references: 0.5625x of it for values +
 metadata, and about as much again for cuSPARSELt's copy (only its metadata,
 ~0.06x, when the values are shared). With ``keep_dense=False`` the dense
 weight can be freed. ``SPARSA_24_PATH=triton|cusparselt|dense`` forces one
-path with default settings (tests, diagnosis).
+path with default settings (tests, diagnosis); it is read when a token count
+is first routed, so set it before a layer's first call.
+
+After its first call with a given token count on the Triton path, the layer
+keeps that call prepared (:class:`~sparsa.kernels.triton_sparse24.PreparedCall`)
+and launches the compiled kernel directly: eager decoding is bound by such
+per-call CPU costs. Moves, casts and new ``values``/``meta``/``bias`` drop
+what was prepared.
 """
 
 from __future__ import annotations
@@ -454,7 +461,7 @@ class SparseLinear24(nn.Module):
             x2d = x2d.contiguous()
         m = x2d.shape[0]
         call = self._calls.get(m)
-        if call is not None:  # decode: no routing, no argument checks, a direct launch
+        if call is not None:  # decode: no routing, a prepared launch
             return call(x2d).reshape(*lead, self.out_features)
         path, config, algorithm = self.route(m)
         y = self.run(x2d, path, config=config, algorithm=algorithm)
@@ -464,11 +471,25 @@ class SparseLinear24(nn.Module):
             self._calls[m] = PreparedCall(m, self.values, self.meta, self.in_features, self.bias, config)
         return y.reshape(*lead, self.out_features)
 
-    def _apply(self, fn, *args, **kwargs):
-        # a move or cast makes new tensors: prepared calls and routes would point at the old ones
+    def _forget_prepared(self) -> None:
         self._calls.clear()
         self._routes.clear()
+
+    def _apply(self, fn, *args, **kwargs):
+        # a move or cast makes new tensors: prepared calls and routes would point at the old ones
+        self._forget_prepared()
         return super()._apply(fn, *args, **kwargs)
+
+    def __setattr__(self, name, value):
+        if name in ("values", "meta", "bias") and "_calls" in self.__dict__:  # (also load_state_dict(assign=True))
+            self._forget_prepared()
+        super().__setattr__(name, value)
+
+    def __getstate__(self):
+        # prepared calls hold compiled kernels, which neither copy nor pickle; they are made again on use
+        state = self.__dict__.copy()
+        state["_calls"] = {}
+        return state
 
     def extra_repr(self) -> str:
         return (

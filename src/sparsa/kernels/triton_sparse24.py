@@ -91,6 +91,9 @@ SPLITS = (1, 2, 4, 8)
 GEMV_MAX_M = 4  # gemv runs a program per token, re-reading the weight tile (from L2)
 # the GEMV's byte permute is NVIDIA PTX: not under Triton's interpreter, not on ROCm
 _PRMT = os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None
+# PreparedCall launches compiled kernels with every argument in signature order, constexprs included: what
+# Triton 3's launchers take (read in 3.6 and 3.9); other versions always go through kernel[grid](...)
+_DIRECT_LAUNCH = HAVE_TRITON and triton.__version__.split(".")[0] == "3"
 
 
 @dataclass(frozen=True)
@@ -384,14 +387,18 @@ class PreparedCall:
     finds the kernel through ``kernel[grid](...)``, later calls launch the
     compiled kernel directly: Triton's binding and specialisation of every
     argument on every call is most of a small call's CPU time. That is valid
-    while every argument the kernel was specialised on is unchanged, and only
-    ``x`` and the output vary: ``x``'s row stride and 16-byte alignment are
-    checked, the output is allocated here. Inputs and arguments are not
+    while every argument the kernel was specialised on is unchanged. Only
+    ``x``, the output and a split-K workspace vary, so what is checked before
+    a direct launch is ``x``'s row stride, the 16-byte alignment of ``x`` and
+    the output, and the current CUDA device (whose context holds the loaded
+    kernel); anything else takes ``kernel[grid](...)``. Inputs are not
     validated (:func:`sparse24_matmul` does that).
     """
 
     def __init__(self, m: int, values: torch.Tensor, meta: torch.Tensor, in_features: int,
                  bias: torch.Tensor | None, cfg: TritonConfig) -> None:
+        if cfg.kind not in KERNEL_SHAPES:
+            raise ValueError(f"unknown 2:4 Triton kernel kind {cfg.kind!r}; choose one of: {', '.join(KERNEL_SHAPES)}")
         n, half = values.shape
         groups = half // 2
         self.m, self.n, self.dtype, self.device = m, n, values.dtype, values.device
@@ -418,8 +425,10 @@ class PreparedCall:
             self.constexprs = dict(HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_M=block_m_for(m), BLOCK_G=bg,
                                    EVEN=even)
         self.options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        self._launch = None  # the compiled kernel's launcher, after the first call
-        self._x_stride = None  # the row stride of x (in int64 words) it was specialised for
+        # after the first call: the compiled kernel's launcher, and what it was specialised and loaded for
+        # (x's row stride in int64 words; the current CUDA device, whose context holds the loaded kernel);
+        # False once a launcher refused its arguments, or where Triton's launcher is not known
+        self._direct: tuple | bool | None = None if _DIRECT_LAUNCH else False
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if out is None:
@@ -430,13 +439,15 @@ class PreparedCall:
         ws, counters = self._fixed_ws or workspace(self.split, self.m, self.n, self.tiles, self.device)
         args = (xq, self.pairs, self.words, out if self.bias is None else self.bias, out, ws, counters,
                 *self.sizes, xq.stride(0), *self.tail)
-        if self._launch is not None and xq.stride(0) == self._x_stride and xq.data_ptr() % 16 == 0:
+        aligned = xq.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0
+        direct = self._direct
+        if direct and aligned and direct[1:] == (xq.stride(0), torch.cuda.current_device()):
             try:
-                self._launch(*args, *self.constexprs.values())
+                direct[0](*args, *self.constexprs.values())
                 return out
             except TypeError:  # a Triton whose launcher takes other arguments: bind them on every call
-                self._launch = None
+                self._direct = direct = False
         compiled = self.kernel[self.grid](*args, **self.constexprs, **self.options)
-        if self._x_stride is None and xq.data_ptr() % 16 == 0 and hasattr(compiled, "__getitem__"):
-            self._launch, self._x_stride = compiled[self.grid], xq.stride(0)
+        if direct is None and aligned and hasattr(compiled, "__getitem__"):
+            self._direct = (compiled[self.grid], xq.stride(0), torch.cuda.current_device())
         return out
