@@ -18,6 +18,9 @@ site a layer, so greedy changes nothing there).
 ``--weight-powers 0.125,0.25,0.5,1`` also runs wina (uniform) at each fixed
 ``p``, to show how the evaluation text ranks the powers the calibration
 chooses among (information only: it is never used to choose).
+``--weighted k_proj,gate_proj`` also runs wina (uniform) with only those
+layers' scores weighted (the WINA authors' choice), at ``p`` = 1 and at the
+calibrated ``p`` (information too).
 
 Goal (issue 7): the weight-informed method (wina) no worse than plain
 thresholds (teal) at every level, compared with the same allocation.
@@ -41,6 +44,9 @@ def main() -> None:
     parser.add_argument("--weight-powers", default="",
                         help="also run wina (uniform) at these fixed powers p, e.g. 0.125,0.25,0.5,1: how the "
                              "evaluation text ranks them (for information; the goals use the calibrated p)")
+    parser.add_argument("--weighted", default="",
+                        help="also run wina (uniform) weighting only these layers' scores, e.g. k_proj,gate_proj "
+                             "(for information), at p = 1 and at the calibrated p")
     args = parser.parse_args()
 
     from sparsa.activations import apply
@@ -59,13 +65,16 @@ def main() -> None:
     print(f"dense perplexity {dense:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     rows = []
     levels = [float(v) for v in args.levels.split(",")]
-    # (method, allocation, fixed weight power or None)
-    runs = [(m, a, None) for a in args.allocations.split(",") for m in args.methods.split(",") if a == "uniform" or m != "cats"]
-    runs += [("wina", "uniform", float(p)) for p in args.weight_powers.split(",") if p]
-    for method, allocation, power in runs:
+    # (method, allocation, fixed weight power or None, weighted layers or None)
+    runs = [(m, a, None, None) for a in args.allocations.split(",") for m in args.methods.split(",") if a == "uniform" or m != "cats"]
+    runs += [("wina", "uniform", float(p), None) for p in args.weight_powers.split(",") if p]
+    weighted = tuple(args.weighted.split(",")) if args.weighted else None
+    runs += [("wina", "uniform", p, weighted) for p in (1.0, None)] if weighted else []
+    for method, allocation, power, only in runs:
         for level in levels:
             t0 = time.perf_counter()
-            handle = apply(lm, method, level, allocation=allocation, **({} if power is None else {"weight_power": power}))
+            options = ({} if power is None else {"weight_power": power}) | ({} if only is None else {"weighted": only})
+            handle = apply(lm, method, level, allocation=allocation, **options)
             calibrate_s = time.perf_counter() - t0
             handle.start_tracking()
             value = ppl()
@@ -73,24 +82,27 @@ def main() -> None:
                          "ratio_to_dense": value / dense, "measured_sparsity": handle.measured_sparsity(),
                          "measured_weight_sparsity": handle.measured_weight_sparsity(),
                          "calibrate_s": calibrate_s, "weight_power": handle.config.weight_power if method == "wina" else None,
-                         "fixed_power": power is not None, "seconds": time.perf_counter() - t0})
+                         "fixed_power": power is not None, "weighted": list(only) if only else None,
+                         "seconds": time.perf_counter() - t0})
             handle.remove()
             shown = f", p={rows[-1]['weight_power']}" if method == "wina" else ""
+            shown += f", weighted {'+'.join(only)}" if only else ""
             print(f"{method:5} {allocation:7} {level:.2f}: perplexity {value:8.3f} (x{value / dense:.2f}), measured sparsity "
                   f"{rows[-1]['measured_sparsity']:.3f} (weight-weighted {rows[-1]['measured_weight_sparsity']:.3f}){shown} ({rows[-1]['seconds']:.0f} s)", flush=True)
-    print(f"\n{'method':20} " + " ".join(f"{int(l * 100):>7}%" for l in levels) + f"   (dense {dense:.3f})")
-    def run_of(r):  # the (method, allocation, fixed power) a row came from
-        return r["method"], r["allocation"], r["weight_power"] if r["fixed_power"] else None
+    print(f"\n{'method':36} " + " ".join(f"{int(l * 100):>7}%" for l in levels) + f"   (dense {dense:.3f})")
+    def run_of(r):  # the (method, allocation, fixed power, weighted layers) a row came from
+        only = r.get("weighted")
+        return r["method"], r["allocation"], r["weight_power"] if r["fixed_power"] else None, tuple(only) if only else None
 
     for run in runs:
-        method, allocation, power = run
-        label = f"{method} {allocation}" + ("" if power is None else f" p={power:g}")
-        print(f"{label:20} " + " ".join(f"{r['perplexity']:8.2f}" for r in rows if run_of(r) == run))
+        method, allocation, power, only = run
+        label = f"{method} {allocation}" + ("" if power is None else f" p={power:g}") + ("" if only is None else " " + "+".join(only))
+        print(f"{label:36} " + " ".join(f"{r['perplexity']:8.2f}" for r in rows if run_of(r) == run))
     goals = []
     for allocation in args.allocations.split(","):
         for level in levels:
             by = {r["method"]: r["perplexity"] for r in rows
-                  if r["target"] == level and r["allocation"] == allocation and not r["fixed_power"]}
+                  if r["target"] == level and r["allocation"] == allocation and not r["fixed_power"] and not r.get("weighted")}
             if "wina" in by and "teal" in by:
                 goals.append(goal(f"{allocation}: wina / teal perplexity at {int(level * 100)}%", by["wina"] / by["teal"], 1.0))
     write_results(args.name, {"model": lm.info.summary(), "dense_perplexity": dense, "eval_tokens": args.max_tokens, "rows": rows}, goals)

@@ -73,6 +73,16 @@ def test_wina_scores_weigh_columns(power, tiny, tokenizer):
         handle.remove()
 
 
+def test_wina_weights_only_the_named_layers(tiny, tokenizer):
+    handle = apply(tiny, "wina", 0.5, tokenizer=tokenizer, samples=4, seq_len=32, weight_power=1.0,
+                   targets=("k_proj", "v_proj", "gate_proj"), weighted=("k_proj", "gate_proj"))
+    try:
+        kinds = {site.name.rsplit(".", 1)[-1]: site.scale is not None for site in handle.sites}
+        assert kinds == {"k_proj": True, "v_proj": False, "gate_proj": True}
+    finally:
+        handle.remove()
+
+
 def test_bad_input(tiny, tokenizer):
     with pytest.raises(InputError, match=r"\[0, 1\)"):
         apply(tiny, "teal", 1.0, tokenizer=tokenizer)
@@ -84,6 +94,8 @@ def test_bad_input(tiny, tokenizer):
         apply(tiny, "teal", 0.5)
     with pytest.raises(InputError, match="weight_power"):
         apply(tiny, "wina", 0.5, tokenizer=tokenizer, weight_power=-1.0)
+    with pytest.raises(InputError, match="weighted names layers that are not targets: up_proj"):
+        apply(tiny, "wina", 0.5, tokenizer=tokenizer, targets=("k_proj",), weighted=("up_proj",))
 
 
 GEMV_BODY = r"""

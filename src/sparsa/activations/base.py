@@ -42,6 +42,9 @@ class ActivationConfig:
     # wina: the score is |x_j| * ||W[:, j]|| ** weight_power; None: the power among WEIGHT_POWERS with the
     # lowest loss on held-out calibration text
     weight_power: float | None = None
+    # wina: the linears (by name suffix, among ``targets``) whose score is weighted; the others use |x_j|.
+    # None: all of them. The WINA authors' code weights k_proj and gate_proj only.
+    weighted: tuple[str, ...] | None = None
     # "uniform": every site at ``sparsity``; "greedy": per decoder layer, sites raised ``greedy_step`` at a
     # time where the layer's output moves least, until the layer's weight-weighted mean reaches ``sparsity``
     allocation: str = "uniform"
@@ -53,6 +56,9 @@ class ActivationConfig:
         require(bool(self.targets), "targets is empty; name at least one linear layer, e.g. down_proj")
         require(self.samples >= 1 and self.seq_len >= 8, "need samples >= 1 and seq_len >= 8 for calibration")
         require(self.weight_power is None or self.weight_power >= 0, "weight_power must be >= 0 (or None to calibrate it)")
+        require(self.weighted is None or set(self.weighted) <= set(self.targets),
+                f"weighted names layers that are not targets: {', '.join(sorted(set(self.weighted or ()) - set(self.targets)))}; "
+                f"choose among {', '.join(self.targets)}")
         require(self.allocation in ALLOCATIONS, f"unknown allocation {self.allocation!r}; choose one of: {', '.join(ALLOCATIONS)}")
         require(0.0 < self.greedy_step <= 0.5, f"greedy_step must be in (0, 0.5], got {self.greedy_step}")
         require(self.greedy_tokens >= 8, "greedy_tokens must be >= 8")

@@ -7,7 +7,8 @@ channels by their effect on the layer's output rather than by size alone.
 are orthogonal; they are not in a trained model, and on SmolLM2-135M a
 softer weighting ranks better. Unless ``weight_power`` is given,
 :func:`sparsa.activations.apply` picks ``p`` among ``WEIGHT_POWERS`` by the
-loss on held-out calibration text.
+loss on held-out calibration text. ``weighted`` limits the weighting to some
+layers (the WINA authors' code weights ``k_proj`` and ``gate_proj`` only).
 """
 
 from __future__ import annotations
@@ -24,4 +25,9 @@ def _column_norms(module, power: float = 1.0) -> torch.Tensor:
 
 @ACTIVATION_METHODS.register("wina")
 def wina_sites(model, config):
-    return linear_sites(model, config.targets, lambda module: _column_norms(module, 1.0 if config.weight_power is None else config.weight_power))
+    power = 1.0 if config.weight_power is None else config.weight_power
+    sites = linear_sites(model, config.targets, lambda module: None)
+    for site in sites:
+        if config.weighted is None or site.name.rsplit(".", 1)[-1] in config.weighted:
+            site.scale = _column_norms(site.module, power)
+    return sites
