@@ -122,9 +122,14 @@ class Stack(nn.Module):
         return x
 
 
+def _decode_token() -> torch.Tensor:
+    """The one token every decode timing feeds (seeded, so dense and ours see the same input)."""
+    return torch.randn(1, 1, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(7))
+
+
 def time_decode(model, context: int, reps: int) -> tuple[float, torch.Tensor]:
     """Median ms of one graph-captured decode step at position ``context`` (its output, for checking)."""
-    token = torch.randn(1, 1, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(7))
+    token = _decode_token()
     model(token, context)  # eager first: dispatch measured outside the capture
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -141,7 +146,7 @@ def time_decode(model, context: int, reps: int) -> tuple[float, torch.Tensor]:
 def time_decode_eager(model, context: int, steps: int) -> float:
     """Milliseconds per decode step at position ``context`` without a CUDA graph: wall time over ``steps``
     steps, so a step costs whichever is longer, the GPU's work or the CPU's launches."""
-    token = torch.randn(1, 1, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(7))
+    token = _decode_token()
     for _ in range(3):
         model(token, context)
     torch.cuda.synchronize()

@@ -217,6 +217,14 @@ INTERPRETER_BODY = textwrap.dedent(
                 y = layer(x)
             assert y.shape == (2, 3, 24)
             assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2, path
+        # a measured Triton route: the first call prepares the launch, the second reuses it
+        del os.environ["SPARSA_24_PATH"]
+        layer._routes[(8, dtype)] = ("triton", TritonConfig("mma", 16, 64, 1, 4, 1), None)
+        for _ in range(2):
+            with torch.no_grad():
+                y = layer(x)
+            assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-2, "prepared"
+        assert 6 in layer._calls
     print(f"interpreter ok, worst relative error {worst:.2e}")
     """
 )

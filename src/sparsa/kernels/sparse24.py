@@ -464,11 +464,12 @@ class SparseLinear24(nn.Module):
         if call is not None:  # decode: no routing, a prepared launch
             return call(x2d).reshape(*lead, self.out_features)
         path, config, algorithm = self.route(m)
-        y = self.run(x2d, path, config=config, algorithm=algorithm)
         if path == "triton" and config is not None and self._route_key(m) in self._routes:  # measured, not forced
             from .triton_sparse24 import PreparedCall
 
-            self._calls[m] = PreparedCall(m, self.values, self.meta, self.in_features, self.bias, config)
+            call = self._calls[m] = PreparedCall(m, self.values, self.meta, self.in_features, self.bias, config)
+            return call(x2d).reshape(*lead, self.out_features)
+        y = self.run(x2d, path, config=config, algorithm=algorithm)
         return y.reshape(*lead, self.out_features)
 
     def _forget_prepared(self) -> None:
