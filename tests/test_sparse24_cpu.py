@@ -189,6 +189,8 @@ INTERPRETER_BODY = textwrap.dedent(
         (18, 20, 256, TritonConfig("mma", 16, 64, 2, 4, 1)),  # no masks; rows and tokens wrap
         (17, 20, 136, TritonConfig("mma", 16, 64, 3, 4, 1)),
         (5, 16, 4100, TritonConfig("mma", 16, 256, 1, 4, 1)),
+        (16, 33, 128, TritonConfig("mma", 16, 128, 1, 4, 1)),  # one step: only the carried tile's product
+        (3, 24, 96, TritonConfig("mma", 16, 64, 1, 4, 1)),  # one and a half steps: the last one masked
     ]
     worst = 0.0
     for dtype in (torch.float16, torch.bfloat16):

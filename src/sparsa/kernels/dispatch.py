@@ -66,7 +66,7 @@ __all__ = ["BUCKETS", "MARGIN", "Plan", "bucket", "cache_path", "choose", "flush
 
 BUCKETS = tuple(1 << i for i in range(15))  # 1 .. 16384
 MARGIN = 0.01
-FORMAT = 4  # 4: the GEMV on the selector-ready metadata (older cached decisions are measured again)
+FORMAT = 5  # 5: the MMA kernel builds dense tiles by byte permutes (older cached decisions are measured again)
 FLUSH_BYTES = 128 << 20
 WARM_MS = 5.0
 TOLERANCE = 2e-2  # relative Frobenius error a sparse path may show against dense (fp16/bf16 rounding)

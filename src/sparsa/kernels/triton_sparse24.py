@@ -5,21 +5,22 @@ W arrives compressed (see :mod:`sparsa.kernels.sparse24` for the layout):
 and ``meta`` ``uint8 [N, Kp/8]`` (two 2-bit positions per group, in an order
 chosen for these kernels). The kernels never materialise W in memory. They read the values as
 int32 (one per group: both kept values), the metadata as int32 words (eight
-groups each) and x as int64 (one per group: its four inputs), so every load
-is at least 4 bytes wide and Triton's pipeliner can stream it
+groups each) and x as int64 words of four inputs (``gemv``) or as 16-bit
+tiles (``mma``), so every load is at least 4 bytes wide and Triton's
+pipeliner can stream it
 asynchronously (``num_stages``). Rows and tokens past the end wrap around
 (their results are not stored), and when the K steps cover the groups
 exactly (``EVEN``: the usual case) no load in the loop is masked at all.
 
 ``mma`` (any M, tokens padded to ``BLOCK_M`` >= 16): a program owns
 ``BLOCK_N`` output features and ``BLOCK_M`` tokens and walks its share of K
-``BLOCK_G`` groups at a time. It rebuilds the weight in registers as four
-``[BLOCK_N, BLOCK_G]`` tiles, one per position ``p`` of a group (tile ``p``
-holds the value kept at input ``4g + p``, or 0), takes the matching ``x``
-tiles out of the int64 words (``x[:, 4g + p]``), and accumulates
-``W_p @ x_p`` for ``p = 0..3`` on the tensor cores in float32. Summing over
-the four positions separately is the same sum over K, so nothing needs
-interleaving.
+``BLOCK_K`` inputs at a time. It rebuilds the dense ``[BLOCK_N, BLOCK_K]``
+weight tile in registers (each group's four weights are two 32-bit words,
+each one byte permute of the kept pair and zero) and multiplies it on the
+tensor cores with the ``[BLOCK_K, BLOCK_M]`` tile of x, accumulating in
+float32. The tile built in one step is multiplied in the next, which keeps
+it in shared memory, where the tensor cores read it, instead of in
+registers that would have to be stored and shuffled again.
 
 ``gemv`` (the decode step, one token per program): no tensor cores; each kept
 value is multiplied by the x element its 2-bit position names (both of a
@@ -69,11 +70,13 @@ TRITON_MAX_M = 256
 
 # (block_n, block_k, num_warps, num_stages). Each is one compilation per dtype
 # (and per BLOCK_M for "mma"); split_k is a runtime argument and costs none.
-# "mma": tensor cores, tokens padded to BLOCK_M >= 16; warps = block_n / 16 so
-# that no warp duplicates another's rows (64 rows and 4 warps: one wgmma tile).
+# "mma": tensor cores, tokens padded to BLOCK_M >= 16 (the fastest at Llama-3-8B
+# shapes and 16-128 tokens on an H200 were all among these).
 MMA_SHAPES: tuple[tuple[int, int, int, int], ...] = (
     (64, 128, 4, 3),
-    (64, 256, 4, 3),  # not with BLOCK_M = 64: too many registers
+    (64, 128, 4, 4),
+    (64, 256, 4, 2),
+    (128, 128, 4, 2),  # not with BLOCK_M = 64: out of registers
     (128, 128, 8, 3),
 )
 # "gemv": one token per program, no tensor cores: the decode step (M = 1..4). The
@@ -89,7 +92,7 @@ GEMV_SHAPES: tuple[tuple[int, int, int, int], ...] = (
 KERNEL_SHAPES = {"mma": MMA_SHAPES, "gemv": GEMV_SHAPES}
 SPLITS = (1, 2, 4, 8)
 GEMV_MAX_M = 4  # gemv runs a program per token, re-reading the weight tile (from L2)
-# the GEMV's byte permute is NVIDIA PTX: not under Triton's interpreter, not on ROCm
+# the kernels' byte permutes are NVIDIA PTX: not under Triton's interpreter, not on ROCm
 _PRMT = os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None
 # PreparedCall launches compiled kernels with every argument in signature order, constexprs included: what
 # Triton 3's launchers take (read in 3.6 and 3.9); other versions always go through kernel[grid](...)
@@ -152,7 +155,7 @@ def candidate_configs(m: int, n: int, k: int, sms: int = 132) -> list[TritonConf
     kinds = ("gemv", "mma") if m <= GEMV_MAX_M else ("mma",)
     for kind in kinds:
         for bn, bk, warps, stages in KERNEL_SHAPES[kind]:
-            if kind == "mma" and block_m_for(m) * bk > 32 * 256:
+            if kind == "mma" and block_m_for(m) == 64 and (bn, warps) == (128, 4):
                 continue
             tiles = _cdiv(n, bn) * (m if kind == "gemv" else _cdiv(m, block_m_for(m)))
             splits = _splits(tiles, k, bk, sms) if m <= 64 else [1]
@@ -237,6 +240,80 @@ if HAVE_TRITON:
         xb = tl.where(second == 3, x3, tl.where(second == 2, x2, x1))
         return xa, xb
 
+    # The selectors of the weight-tile builder's byte permutes (see _dense_words). prmt.b4e with control c
+    # (0..3) writes source byte (c - i) mod 8 to byte i; with both sources one of these constants, byte 0
+    # lands in byte c and the equal other bytes fill the rest. First: 0x10 (the first kept value) at byte
+    # `first`, 0x76 elsewhere; second: 0x32 (the second value) at byte `second`, 0x54 elsewhere. Their AND
+    # picks, per output byte pair, the first value, the second, or 0x54: bytes of the zero operand.
+    _SEL_FIRST, _SEL_SECOND = tl.constexpr(0x76767610), tl.constexpr(0x54545432)
+    _DENSE_WORDS_ASM = tl.constexpr(f"""{{
+    .reg .b32 f, s, sel, selh;
+    shr.b32 f, $3, $4;
+    shr.b32 s, $3, $5;
+    prmt.b32.b4e f, $6, {_SEL_FIRST.value:#x}, f;
+    prmt.b32.b4e s, $7, {_SEL_SECOND.value:#x}, s;
+    and.b32 sel, f, s;
+    shr.b32 selh, sel, 16;
+    prmt.b32 $0, $2, 0, sel;
+    prmt.b32 $1, $2, 0, selh;
+    }}""")
+
+    @triton.jit
+    def _selector_constants(N, PRMT: tl.constexpr):
+        """``_SEL_FIRST`` and ``_SEL_SECOND`` as per-thread run-time values (``N >= 0``, so ``N >> 31 == 0``).
+
+        As immediates, or as warp-uniform values, ptxas copies them into a register
+        again before every permute: one more instruction per group each.
+        """
+        zero = N >> 31
+        if PRMT:
+            tid = tl.inline_asm_elementwise("mov.u32 $0, %tid.x;", "=r,r", [zero], dtype=tl.int32, is_pure=True, pack=1)
+            zero = (N + tid) >> 31
+        return zero + _SEL_FIRST, zero + _SEL_SECOND
+
+    @triton.jit
+    def _dense_words(pairs, word, shifts, sel_first, sel_second, PRMT: tl.constexpr):
+        """Each group's four dense weights as two int32 words: inputs 0, 1 (``lo``) and 2, 3 (``hi``), low half first.
+
+        With ``PRMT`` each word is one byte permute of the group's kept pair and
+        zero, whose selector two ``prmt.b4e`` lookups make from the positions (the
+        two low bits of ``word >> shift`` and of ``word >> (shift + 8)``: no masks):
+        eight instructions per group. Triton's interpreter and ROCm take
+        compare-and-select chains, which give the same words.
+        """
+        if PRMT:
+            lo, hi = tl.inline_asm_elementwise(_DENSE_WORDS_ASM, "=r,=r,r,r,r,r,r,r",
+                                               [pairs, word, shifts, shifts + 8, sel_first, sel_second],
+                                               dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+        else:
+            positions = (word >> shifts) & 0x0303
+            first = positions & 3  # 0..2
+            second = positions >> 8  # 1..3
+            v0 = pairs & 0xFFFF
+            v1 = (pairs >> 16) & 0xFFFF
+            d1 = tl.where(first == 1, v0, tl.where(second == 1, v1, 0))
+            d2 = tl.where(first == 2, v0, tl.where(second == 2, v1, 0))
+            lo = tl.where(first == 0, v0, 0) | (d1 << 16)
+            hi = d2 | (tl.where(second == 3, v1, 0) << 16)
+        return lo, hi
+
+    @triton.jit
+    def _dense_tile(pairs, word, shifts, sel_first, sel_second, dt: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_G: tl.constexpr, PRMT: tl.constexpr):
+        """The dense ``[BLOCK_N, 4 * BLOCK_G]`` weight tile of ``BLOCK_G`` groups, in dtype ``dt``."""
+        lo, hi = _dense_words(pairs, word, shifts, sel_first, sel_second, PRMT)
+        w32 = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_G))
+        w16 = tl.reshape(tl.join(w32.to(tl.int16), (w32 >> 16).to(tl.int16)), (BLOCK_N, 4 * BLOCK_G))
+        return w16.to(dt, bitcast=True)
+
+    @triton.jit
+    def _load_x(x_cols, g0, KG, offs_k, EVEN: tl.constexpr):
+        """Inputs ``4 g0 .. 4 g0 + BLOCK_K`` of the program's tokens: a ``[BLOCK_K, BLOCK_M]`` tile."""
+        k = 4 * g0 + offs_k
+        if EVEN:
+            return tl.load(x_cols + k[:, None])
+        return tl.load(x_cols + k[:, None], mask=(k < 4 * KG)[:, None], other=0.0)
+
     @triton.jit(do_not_specialize=["M", "N", "KG", "G", "split_k", "steps_per_split"])
     def _sparse24_mma_kernel(
         xq_ptr, pairs_ptr, words_ptr, bias_ptr, y_ptr, ws_ptr, count_ptr,
@@ -244,15 +321,17 @@ if HAVE_TRITON:
         stride_xm, stride_pn, stride_wn, stride_ym,
         split_k, steps_per_split,
         HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
-        EVEN: tl.constexpr,
+        NUM_STAGES: tl.constexpr, EVEN: tl.constexpr, PRMT: tl.constexpr,
     ):
-        # xq: x as int64, one word = the 4 inputs of a group; pairs: int32 = the 2 kept values of a group;
-        # words: int32 = the metadata of 8 consecutive groups (layout: sparsa.kernels.sparse24).
-        # EVEN: the splits cover the G groups exactly and x has all of them (KG == G): no masks in the loop.
+        # xq: x as int64, one word = the 4 inputs of a group (here read as 16-bit values); pairs: int32 =
+        # the 2 kept values of a group; words: int32 = the metadata of 8 consecutive groups
+        # (layout: sparsa.kernels.sparse24). EVEN: the splits cover the G groups exactly and x has all of
+        # them (KG == G): no masks in the loop.
         pid_m = tl.program_id(0)  # token blocks vary fastest: programs sharing a weight tile run together
         pid_n = tl.program_id(1)
         pid_k = tl.program_id(2)
         dt = y_ptr.dtype.element_ty
+        BLOCK_K: tl.constexpr = 4 * BLOCK_G
 
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -268,31 +347,26 @@ if HAVE_TRITON:
         # rows and tokens past the end wrap around (in range, so unmasked); their results are not stored
         pair_rows = pairs_ptr + (offs_n % N)[:, None].to(tl.int64) * stride_pn
         word_rows = words_ptr + (offs_n % N)[:, None].to(tl.int64) * stride_wn
-        x_rows = xq_ptr + (offs_m % M)[None, :].to(tl.int64) * stride_xm
+        x16_ptr = xq_ptr.to(tl.pointer_type(dt), bitcast=True)
+        x_cols = x16_ptr + (offs_m % M)[None, :].to(tl.int64) * (stride_xm * 4)
+        sel_first, sel_second = _selector_constants(N, PRMT)
 
+        # The tile built in one step is multiplied in the next: a loop-carried operand reaches the
+        # tensor cores from shared memory (one store per step) rather than from registers (store,
+        # reload and shuffles). Step 0 multiplies a zero tile, so that every weight load is in the
+        # software-pipelined loop, and the last tile is multiplied after it. The zero tile is built
+        # from run-time zeros: from a constant the compiler would keep the carried tile as 16-bit
+        # registers and repack it in every step.
+        zero = (offs_n[:, None] * BLOCK_G + offs_g[None, :]) * (N >> 31)
+        w = _dense_tile(zero, zero, shifts, sel_first, sel_second, dt, BLOCK_N, BLOCK_G, PRMT)
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        for g0 in range(g_begin, g_end, BLOCK_G):
-            g = g0 + offs_g
+        offs_k = tl.arange(0, BLOCK_K)
+        for g0 in tl.range(g_begin, g_end, BLOCK_G, num_stages=NUM_STAGES):
+            xt = _load_x(x_cols, tl.maximum(g0 - BLOCK_G, g_begin), KG, offs_k, EVEN)
             pairs, word = _load_weights(pair_rows, word_rows, g0, G, BLOCK_N, BLOCK_G, EVEN)
-            if EVEN:
-                xq = tl.load(x_rows + g[:, None])
-            else:
-                xq = tl.load(x_rows + g[:, None], mask=(g < KG)[:, None], other=0)
-            positions = (word >> shifts) & 0x0303
-            first = positions & 3  # 0..2
-            second = positions >> 8  # 1..3
-            v0 = pairs.to(tl.int16).to(dt, bitcast=True)
-            v1 = (pairs >> 16).to(tl.int16).to(dt, bitcast=True)
-            zero = tl.zeros_like(v0)
-            # the weights at inputs 4g+p (p = 0..3), times x at inputs 4g+p
-            w0 = tl.where(first == 0, v0, zero)
-            w1 = tl.where(first == 1, v0, tl.where(second == 1, v1, zero))
-            w2 = tl.where(first == 2, v0, tl.where(second == 2, v1, zero))
-            w3 = tl.where(second == 3, v1, zero)
-            acc = tl.dot(w0, xq.to(tl.int16).to(dt, bitcast=True), acc)
-            acc = tl.dot(w1, (xq >> 16).to(tl.int16).to(dt, bitcast=True), acc)
-            acc = tl.dot(w2, (xq >> 32).to(tl.int16).to(dt, bitcast=True), acc)
-            acc = tl.dot(w3, (xq >> 48).to(tl.int16).to(dt, bitcast=True), acc)
+            acc = tl.dot(w, xt, acc)
+            w = _dense_tile(pairs, word, shifts, sel_first, sel_second, dt, BLOCK_N, BLOCK_G, PRMT)
+        acc = tl.dot(w, _load_x(x_cols, g_end - BLOCK_G, KG, offs_k, EVEN), acc)
 
         tile = pid_n * tl.num_programs(0) + pid_m
         finish(acc, y_ptr, bias_ptr, ws_ptr, count_ptr, offs_n, offs_m, M, N, stride_ym, tile, pid_k, split_k, HAS_BIAS)
@@ -423,7 +497,7 @@ class PreparedCall:
         else:
             self.kernel = _sparse24_mma_kernel
             self.constexprs = dict(HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_M=block_m_for(m), BLOCK_G=bg,
-                                   EVEN=even)
+                                   NUM_STAGES=cfg.num_stages, EVEN=even, PRMT=_PRMT)
         self.options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         # after the first call: the compiled kernel's launcher, and what it was specialised and loaded for
         # (x's row stride in int64 words; the current CUDA device, whose context holds the loaded kernel);
