@@ -16,7 +16,10 @@ descriptors, algorithm and workspace are made once, and each call is one
 own search, run once per token bucket (the first ``M`` seen in it) and reused
 by every plan of that bucket: each configuration id cuSPARSELt offers gets its
 own plan (so its own, correctly sized workspace) and is timed with CUDA
-events. cuSPARSELt's built-in ``cusparseLtMatmulSearch`` is not used: on an
+events. Split-K stays at the library's default: on an H200 (cuSPARSELt 0.8) a
+sweep of split-K settings at 16-128 tokens found nothing faster, and several
+fp16 split-K plans stopped the CUDA context with an illegal instruction.
+cuSPARSELt's built-in ``cusparseLtMatmulSearch`` is not used: on an
 H100 with cuSPARSELt 0.8 it returned "internal error" and left the CUDA
 context broken ("illegal instruction"), as torch's wrapper of it did.
 :attr:`CsltWeight.algorithms` holds what the searches chose so that a
