@@ -3,14 +3,14 @@
 W arrives compressed (see :mod:`sparsa.kernels.sparse24` for the layout):
 ``values`` ``[N, Kp/2]`` (the two kept values of every group of four inputs)
 and ``meta`` ``uint8 [N, Kp/8]`` (two 2-bit positions per group, in an order
-chosen for these kernels). The kernels never materialise W in memory. They read the values as
-int32 (one per group: both kept values), the metadata as int32 words (eight
-groups each) and x as int64 words of four inputs (``gemv``) or as 16-bit
-tiles (``mma``), so every load is at least 4 bytes wide and Triton's
-pipeliner can stream it
-asynchronously (``num_stages``). Rows and tokens past the end wrap around
-(their results are not stored), and when the K steps cover the groups
-exactly (``EVEN``: the usual case) no load in the loop is masked at all.
+chosen for these kernels). The kernels never materialise W in memory. They
+read the values as int32 (one per group: both kept values), the metadata as
+int32 words (eight groups each) and x as int64 words of four inputs
+(``gemv``) or as 16-bit tiles (``mma``), so every load is at least 4 bytes
+wide and Triton's pipeliner can stream it asynchronously (``num_stages``).
+Rows and tokens past the end wrap around (their results are not stored),
+and when the K steps cover the groups exactly (``EVEN``: the usual case) no
+load in the loop is masked at all.
 
 ``mma`` (any M, tokens padded to ``BLOCK_M`` >= 16): a program owns
 ``BLOCK_N`` output features and ``BLOCK_M`` tokens and walks its share of K
@@ -103,7 +103,7 @@ _DIRECT_LAUNCH = HAVE_TRITON and triton.__version__.split(".")[0] == "3"
 class TritonConfig:
     kind: str  # "mma" or "gemv"
     block_n: int
-    block_k: int  # dense input columns per step: 4 * BLOCK_G groups (>= 64 for "mma": 4 dots of K >= 16)
+    block_k: int  # dense input columns per step: 4 * BLOCK_G groups, BLOCK_G a multiple of 8 (whole metadata words)
     split_k: int = 1
     num_warps: int = 4
     num_stages: int = 3
