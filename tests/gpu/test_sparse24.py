@@ -230,6 +230,24 @@ def test_prepared_calls_take_fresh_inputs():
         check(layer(x), reference(x, lin.weight, lin.bias), "after .cuda()")
 
 
+@pytest.mark.skipif(not cusparselt_available(), reason="needs cuSPARSELt")
+def test_prepared_cusparselt_calls_take_fresh_inputs():
+    """A measured cuSPARSELt route is called through arguments bound once: fresh inputs, bias, other row strides."""
+    n, k, m = 768, 1024, 256
+    lin = make_linear(n, k, torch.float16, bias=True, seed=6)
+    layer = SparseLinear24.from_linear(lin, "prepared-cslt")
+    layer._routes[layer._route_key(m)] = ("cusparselt", None, None)  # as if measured
+    with torch.no_grad():
+        for seed in range(3):
+            x = fresh_x(m, k, torch.float16, 20 + seed)
+            with nan_filled_allocations():
+                y = layer(x)
+            check(y, reference(x, lin.weight, lin.bias), f"call {seed}")
+        assert m in layer._calls, "the cuSPARSELt route was not prepared"
+        x = fresh_x(m, k + 32, torch.float16, 29)[:, :k]
+        check(layer(x), reference(x, lin.weight, lin.bias), f"row stride {k + 32}")
+
+
 def test_bad_inputs_name_the_layer():
     fp32 = nn.Linear(64, 32, device="cuda")
     with torch.no_grad():

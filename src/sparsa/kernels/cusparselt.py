@@ -46,7 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Algorithm", "CsltError", "CsltWeight", "library_version", "load_library"]
+__all__ = ["Algorithm", "CsltError", "CsltWeight", "PreparedMatmul", "library_version", "load_library"]
 
 # enum values from cusparseLt.h / its cusparse stub (stable since cuSPARSELt 0.5)
 _ORDER_COL, _ORDER_ROW = 1, 2
@@ -373,3 +373,47 @@ class CsltWeight:
 
     def algorithm_for(self, bucket: int) -> Algorithm | None:
         return self.algorithms.get(bucket)
+
+
+def _raw_stream(device: torch.device):
+    """A function returning the current CUDA stream's handle on ``device`` as an int, cheaply."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what Triton's launcher uses; ~20x cheaper
+    if raw is None:
+        return lambda: torch.cuda.current_stream(index).cuda_stream
+    return lambda: raw(index)
+
+
+class PreparedMatmul:
+    """:meth:`CsltWeight.matmul` for one token count and algorithm, with every argument bound once.
+
+    A call here is an output allocation, three pointers and one
+    ``cusparseLtMatmul``: the route, plan lookup and argument building of
+    :meth:`CsltWeight.matmul` cost more CPU time than the library call itself
+    (issuing a 4096-token forward of four Llama-3-8B-shaped layers took 6.7 ms
+    of an H200 host's CPU time before, 5.1 ms after). ``x``
+    must be a contiguous ``[m, K]`` tensor of the weight's dtype on its
+    device (not checked: the layer that prepared this call has checked it).
+    """
+
+    def __init__(self, weight: CsltWeight, x: torch.Tensor, bucket: int, algorithm: Algorithm | None) -> None:
+        self.m, self.n, self.dtype, self.device = x.shape[0], weight.rows, weight.dtype, weight.device
+        probe = torch.empty((self.m, self.n), dtype=self.dtype, device=self.device)
+        self.weight, self.plan = weight, weight._plan(x, probe, bucket, algorithm)  # (kept: the plan owns the workspace)
+        self._alpha, self._beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        self._streams = (ctypes.c_void_p * 1)()
+        self._stream = _raw_stream(self.device)
+        self._args = [weight.handle.ptr, self.plan.plan.ptr, ctypes.byref(self._alpha), weight.compressed.data_ptr(), 0,
+                      ctypes.byref(self._beta), 0, 0, self.plan.workspace.data_ptr(), self._streams, 1]
+        self._matmul = _LIB.cusparseLtMatmul
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty((self.m, self.n), dtype=self.dtype, device=self.device)
+        args = self._args
+        args[4] = x.data_ptr()
+        args[6] = args[7] = y.data_ptr()
+        self._streams[0] = self._stream()
+        status = self._matmul(*args)
+        if status:
+            _check(status, "matmul")
+        return y

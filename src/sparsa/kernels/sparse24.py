@@ -41,11 +41,13 @@ weight can be freed. ``SPARSA_24_PATH=triton|cusparselt|dense`` forces one
 path with default settings (tests, diagnosis); it is read when a token count
 is first routed, so set it before a layer's first call.
 
-After its first call with a given token count on the Triton path, the layer
-keeps that call prepared (:class:`~sparsa.kernels.triton_sparse24.PreparedCall`)
-and launches the compiled kernel directly: eager decoding is bound by such
-per-call CPU costs. Moves, casts and new ``values``/``meta``/``bias`` drop
-what was prepared.
+After its first call with a given token count on a measured route, the layer
+keeps that call prepared: on the Triton path it launches the compiled kernel
+directly (:class:`~sparsa.kernels.triton_sparse24.PreparedCall`), on
+cuSPARSELt it calls the library with arguments bound once
+(:class:`~sparsa.kernels.cusparselt.PreparedMatmul`). Eager decoding, and
+prefill between its large products, are bound by such per-call CPU costs.
+Moves, casts and new ``values``/``meta``/``bias`` drop what was prepared.
 """
 
 from __future__ import annotations
@@ -292,7 +294,7 @@ class SparseLinear24(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.cslt_rows = _round_up(self.out_features, N_ALIGN_CSLT)
         self._routes: dict[tuple, tuple] = {}  # (token bucket, dtype) -> (path, triton config, cuSPARSELt algorithm)
-        self._calls: dict[int, object] = {}  # tokens -> PreparedCall, where the measured route is Triton
+        self._calls: dict[int, object] = {}  # tokens -> a call bound once on the measured route
         self.shares_values = False
 
     # ----------------------------------------------------------------- building
@@ -461,16 +463,40 @@ class SparseLinear24(nn.Module):
             x2d = x2d.contiguous()
         m = x2d.shape[0]
         call = self._calls.get(m)
-        if call is not None:  # decode: no routing, a prepared launch
+        if call is not None:  # no routing: a prepared launch
             return call(x2d).reshape(*lead, self.out_features)
         path, config, algorithm = self.route(m)
-        if path == "triton" and config is not None and self._route_key(m) in self._routes:  # measured, not forced
-            from .triton_sparse24 import PreparedCall
-
-            call = self._calls[m] = PreparedCall(m, self.values, self.meta, self.in_features, self.bias, config)
-            return call(x2d).reshape(*lead, self.out_features)
+        if self._route_key(m) in self._routes:  # measured, not forced
+            call = self._prepare(x2d, path, config, algorithm)
+            if call is not None:
+                self._calls[m] = call
+                return call(x2d).reshape(*lead, self.out_features)
         y = self.run(x2d, path, config=config, algorithm=algorithm)
         return y.reshape(*lead, self.out_features)
+
+    def _prepare(self, x2d: torch.Tensor, path: str, config, algorithm):
+        """A call bound once for ``x2d``'s token count on its measured path, or None where one does not apply."""
+        m = x2d.shape[0]
+        if path == "triton" and config is not None:
+            from .triton_sparse24 import PreparedCall
+
+            return PreparedCall(m, self.values, self.meta, self.in_features, self.bias, config)
+        unpadded = m % M_ALIGN_CSLT == 0 and self.padded_in_features == self.in_features and self.cslt_rows == self.out_features
+        if path == "cusparselt" and self._cslt_ready() and unpadded:
+            from .cusparselt import PreparedMatmul
+            from .dispatch import bucket
+
+            prepared, bias = PreparedMatmul(self.cslt, x2d.contiguous(), bucket(m), algorithm), self.bias
+
+            def call(x: torch.Tensor) -> torch.Tensor:
+                y = prepared(x if x.is_contiguous() else x.contiguous())
+                return y if bias is None else y.add_(bias)
+
+            return call
+        if path == "dense" and self.dense_weight is not None:
+            weight, bias = self.dense_weight, self.bias
+            return lambda x: F.linear(x, weight, bias)
+        return None
 
     def _forget_prepared(self) -> None:
         self._calls.clear()
