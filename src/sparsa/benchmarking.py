@@ -44,7 +44,10 @@ def environment() -> dict:
             env["versions"]["triton"] = triton.__version__
         except ImportError:
             pass
-        env["versions"]["cusparselt"] = str(getattr(torch.backends.cusparselt, "version", lambda: None)())
+        from .kernels.cusparselt import library_version
+
+        # the library sparsa calls (SPARSA_CUSPARSELT may name another than torch's)
+        env["versions"]["cusparselt"] = str(library_version())
     else:
         env["device"] = f"CPU ({os.cpu_count()} cores)"
     return env

@@ -24,7 +24,8 @@ H100 with cuSPARSELt 0.8 it returned "internal error" and left the CUDA
 context broken ("illegal instruction"), as torch's wrapper of it did.
 :attr:`CsltWeight.algorithms` holds what the searches chose so that a
 dispatch cache can store them. ``SPARSA_CSLT_SEARCH=0`` keeps the default
-algorithm (id 0) without searching.
+algorithm (id 0) without searching; ``SPARSA_CUSPARSELT=/path/libcusparseLt.so.0``
+loads that library instead of the one torch ships.
 
 Layout: ``y[M, N] = x[M, K] @ W[N, K]^T`` is cuSPARSELt's ``D = A @ B`` with
 A = W (structured, row-major N x K), B = x read as a column-major K x M
@@ -82,6 +83,9 @@ _LOCK = threading.Lock()
 
 
 def _candidates() -> list[str]:
+    chosen = os.environ.get("SPARSA_CUSPARSELT")  # a library file to use instead of torch's (another version)
+    if chosen:
+        return [chosen]
     names = ["libcusparseLt.so.0", "libcusparseLt.so"]
     for root in sys.path:
         for pattern in ("nvidia/cusparselt/lib/libcusparseLt.so*", "nvidia/cu*/lib/libcusparseLt.so*"):
