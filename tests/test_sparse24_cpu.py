@@ -124,6 +124,15 @@ def test_prepared_calls_are_dropped_when_the_tensors_change():
     assert dropped()
 
 
+def test_a_named_cusparselt_library_is_the_only_candidate(monkeypatch):
+    from sparsa.kernels import cusparselt
+
+    monkeypatch.delenv("SPARSA_CUSPARSELT", raising=False)
+    assert "libcusparseLt.so.0" in cusparselt._candidates()
+    monkeypatch.setenv("SPARSA_CUSPARSELT", "/opt/cusparselt-0.8.1/libcusparseLt.so.0")
+    assert cusparselt._candidates() == ["/opt/cusparselt-0.8.1/libcusparseLt.so.0"]
+
+
 def test_buckets():
     assert [bucket(m) for m in (1, 2, 3, 17, 64, 65, 1000, 4096, 16384, 50000)] == [1, 2, 4, 32, 64, 128, 1024, 4096, 16384, 16384]
 
