@@ -197,6 +197,15 @@ class Algorithm:
         return cls(int(a[3:]), int(s[5:]), int(m[4:]))
 
 
+def _raw_stream(device: torch.device):
+    """A function returning the current CUDA stream's handle on ``device`` as an int, cheaply."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what Triton's launcher uses; ~20x cheaper
+    if raw is None:
+        return lambda: torch.cuda.current_stream(index).cuda_stream
+    return lambda: raw(index)
+
+
 class _Plan:
     """Descriptors, algorithm, plan and workspace for one token count; destroyed with the object."""
 
@@ -227,6 +236,12 @@ class _Plan:
         self._live.append(("cusparseLtMatmulPlanDestroy", self.plan))
         self.algorithm = algorithm or Algorithm(0)
         self._workspace_for(weight)
+        # cusparseLtMatmul's arguments, bound once: each launch fills in x, y and the stream
+        self._alpha, self._beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        self._streams = (ctypes.c_void_p * 1)()
+        self._stream = _raw_stream(weight.device)
+        self._args = [h, self.plan.ptr, ctypes.byref(self._alpha), weight.compressed.data_ptr(), 0,
+                      ctypes.byref(self._beta), 0, 0, self.workspace.data_ptr(), self._streams, 1]
 
     def _set(self, h, attribute: int, value: int) -> None:
         v = ctypes.c_int(value)
@@ -245,16 +260,15 @@ class _Plan:
     def max_config_id(self) -> int:
         return self._get(self.h, _ATTR_CONFIG_MAX_ID)
 
-    def run(self, weight: "CsltWeight", x: torch.Tensor, y: torch.Tensor) -> None:
-        h = weight.handle.ptr
-        alpha, beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
-        stream = (ctypes.c_void_p * 1)(torch.cuda.current_stream(x.device).cuda_stream)
-        args = (
-            h, self.plan.ptr, ctypes.byref(alpha), ctypes.c_void_p(weight.compressed.data_ptr()),
-            ctypes.c_void_p(x.data_ptr()), ctypes.byref(beta), ctypes.c_void_p(y.data_ptr()), ctypes.c_void_p(y.data_ptr()),
-            ctypes.c_void_p(self.workspace.data_ptr()), stream, 1,
-        )
-        _check(self.lib.cusparseLtMatmul(*args), "matmul")
+    def run(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """``y = x @ W^T`` on the current stream (the weight this plan was made for)."""
+        args = self._args
+        args[4] = x.data_ptr()
+        args[6] = args[7] = y.data_ptr()
+        self._streams[0] = self._stream()
+        status = self.lib.cusparseLtMatmul(*args)
+        if status:
+            _check(status, "matmul")
 
     def __del__(self) -> None:
         for fn, obj in reversed(getattr(self, "_live", [])):
@@ -348,12 +362,12 @@ class CsltWeight:
         return best
 
     def _time(self, plan: _Plan, x: torch.Tensor, y: torch.Tensor) -> float:
-        plan.run(self, x, y)  # warm-up, and the status check
+        plan.run(x, y)  # warm-up, and the status check
         times = []
         for _ in range(SEARCH_REPS):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            plan.run(self, x, y)
+            plan.run(x, y)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
@@ -372,52 +386,32 @@ class CsltWeight:
                              f"multiple of {ALIGN_M}, got {tuple(x.shape)} {x.dtype} on {x.device}")
         bucket = m if bucket is None else bucket
         y = torch.empty((m, self.rows), dtype=self.dtype, device=self.device) if out is None else out
-        self._plan(x, y, bucket, algorithm).run(self, x, y)
+        self._plan(x, y, bucket, algorithm).run(x, y)
         return y
 
     def algorithm_for(self, bucket: int) -> Algorithm | None:
         return self.algorithms.get(bucket)
 
 
-def _raw_stream(device: torch.device):
-    """A function returning the current CUDA stream's handle on ``device`` as an int, cheaply."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what Triton's launcher uses; ~20x cheaper
-    if raw is None:
-        return lambda: torch.cuda.current_stream(index).cuda_stream
-    return lambda: raw(index)
-
-
 class PreparedMatmul:
-    """:meth:`CsltWeight.matmul` for one token count and algorithm, with every argument bound once.
+    """:meth:`CsltWeight.matmul` for one token count and algorithm, its plan looked up once.
 
-    A call here is an output allocation, three pointers and one
-    ``cusparseLtMatmul``: the route, plan lookup and argument building of
-    :meth:`CsltWeight.matmul` cost more CPU time than the library call itself
-    (issuing a 4096-token forward of four Llama-3-8B-shaped layers took 6.7 ms
-    of an H200 host's CPU time before, 5.1 ms after). ``x``
-    must be a contiguous ``[m, K]`` tensor of the weight's dtype on its
-    device (not checked: the layer that prepared this call has checked it).
+    A call here is an output allocation and the plan's launch: the checks and
+    the plan lookup of :meth:`CsltWeight.matmul` cost more CPU time than the
+    library call itself (issuing a 4096-token forward of four
+    Llama-3-8B-shaped layers took 6.7 ms of an H200 host's CPU time before,
+    5.1 ms after). ``x`` must be a contiguous ``[m, K]`` tensor of the
+    weight's dtype on its device (not checked: the layer that prepared this
+    call has checked it).
     """
 
     def __init__(self, weight: CsltWeight, x: torch.Tensor, bucket: int, algorithm: Algorithm | None) -> None:
         self.m, self.n, self.dtype, self.device = x.shape[0], weight.rows, weight.dtype, weight.device
         probe = torch.empty((self.m, self.n), dtype=self.dtype, device=self.device)
-        self.weight, self.plan = weight, weight._plan(x, probe, bucket, algorithm)  # (kept: the plan owns the workspace)
-        self._alpha, self._beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
-        self._streams = (ctypes.c_void_p * 1)()
-        self._stream = _raw_stream(self.device)
-        self._args = [weight.handle.ptr, self.plan.plan.ptr, ctypes.byref(self._alpha), weight.compressed.data_ptr(), 0,
-                      ctypes.byref(self._beta), 0, 0, self.plan.workspace.data_ptr(), self._streams, 1]
-        self._matmul = _LIB.cusparseLtMatmul
+        # both kept: the plan holds pointers into the weight's compressed buffer and its own workspace
+        self.weight, self.plan = weight, weight._plan(x, probe, bucket, algorithm)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.empty((self.m, self.n), dtype=self.dtype, device=self.device)
-        args = self._args
-        args[4] = x.data_ptr()
-        args[6] = args[7] = y.data_ptr()
-        self._streams[0] = self._stream()
-        status = self._matmul(*args)
-        if status:
-            _check(status, "matmul")
+        self.plan.run(x, y)
         return y

@@ -489,7 +489,7 @@ class SparseLinear24(nn.Module):
             prepared, bias = PreparedMatmul(self.cslt, x2d.contiguous(), bucket(m), algorithm), self.bias
 
             def call(x: torch.Tensor) -> torch.Tensor:
-                y = prepared(x if x.is_contiguous() else x.contiguous())
+                y = prepared(x.contiguous())  # (x itself when it already is)
                 return y if bias is None else y.add_(bias)
 
             return call
