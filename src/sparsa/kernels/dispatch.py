@@ -147,10 +147,11 @@ def _versions() -> dict:
         v["triton"] = triton.__version__
     except ImportError:
         v["triton"] = None
-    try:
-        v["cusparselt"] = str(torch.backends.cusparselt.version())
-    except Exception:  # noqa: BLE001 - any failure means "unknown"
-        v["cusparselt"] = None
+    # the library sparsa calls (SPARSA_CUSPARSELT may name another than torch's): its algorithm ids differ by version
+    from .cusparselt import library_version
+
+    version = library_version() if torch.cuda.is_available() else None
+    v["cusparselt"] = None if version is None else str(version)
     return v
 
 
