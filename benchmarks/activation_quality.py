@@ -6,9 +6,10 @@ Each method calibrates per-site thresholds on the shipped calibration text
 (16 x 512 tokens) and is evaluated on the shipped evaluation text (20,480
 tokens, windows of 1024), the same for dense. Also reported: the sparsity
 measured on the evaluation text (the calibration text is another domain,
-so it drifts from the target). teal and wina cut the inputs of every
-attention and MLP projection; cats cuts the MLP's gate activations only.
-wina's weight power (the score is ``|x_j| * ||W[:, j]|| ** p``) is chosen per
+so it drifts from the target). teal, wina and wina_fisher cut the inputs of
+every attention and MLP projection; cats cuts the MLP's gate activations only.
+The weight power of wina and wina_fisher (the score is ``|x_j| * ||W[:, j]|| ** p``,
+W's rows weighted by the loss's Fisher information for wina_fisher) is chosen per
 level on held-out calibration text (with uniform allocation), never on the
 evaluation text; the chosen ``p`` is recorded. teal and wina also run with
 greedy per-layer allocation (TEAL's: each layer's sites get different
@@ -22,8 +23,9 @@ chooses among (information only: it is never used to choose).
 layers' scores weighted (the WINA authors' choice), at ``p`` = 1 and at the
 calibrated ``p`` (information too).
 
-Goal (issue 7): the weight-informed method (wina) no worse than plain
-thresholds (teal) at every level, compared with the same allocation.
+Goal (issue 7): the weight-informed method no worse than plain thresholds
+(teal) at every level, compared with the same allocation; a goal row for each
+weight-informed method run (wina, wina_fisher).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from sparsa.benchmarking import goal, print_goals, write_results
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--levels", default="0.25,0.4,0.5,0.65")
-    parser.add_argument("--methods", default="teal,wina,cats")
+    parser.add_argument("--methods", default="teal,wina,wina_fisher,cats")
     parser.add_argument("--allocations", default="uniform,greedy", help="uniform and/or greedy (greedy: teal and wina only)")
     parser.add_argument("--max-tokens", type=int, default=20480)
     parser.add_argument("--name", default="activation_quality")
@@ -81,11 +83,11 @@ def main() -> None:
             rows.append({"method": method, "allocation": allocation, "target": level, "perplexity": value,
                          "ratio_to_dense": value / dense, "measured_sparsity": handle.measured_sparsity(),
                          "measured_weight_sparsity": handle.measured_weight_sparsity(),
-                         "calibrate_s": calibrate_s, "weight_power": handle.config.weight_power if method == "wina" else None,
+                         "calibrate_s": calibrate_s, "weight_power": handle.config.weight_power if method.startswith("wina") else None,
                          "fixed_power": power is not None, "weighted": list(only) if only else None,
                          "seconds": time.perf_counter() - t0})
             handle.remove()
-            shown = f", p={rows[-1]['weight_power']}" if method == "wina" else ""
+            shown = f", p={rows[-1]['weight_power']}" if method.startswith("wina") else ""
             shown += f", weighted {'+'.join(only)}" if only else ""
             print(f"{method:5} {allocation:7} {level:.2f}: perplexity {value:8.3f} (x{value / dense:.2f}), measured sparsity "
                   f"{rows[-1]['measured_sparsity']:.3f} (weight-weighted {rows[-1]['measured_weight_sparsity']:.3f}){shown} ({rows[-1]['seconds']:.0f} s)", flush=True)
@@ -103,8 +105,9 @@ def main() -> None:
         for level in levels:
             by = {r["method"]: r["perplexity"] for r in rows
                   if r["target"] == level and r["allocation"] == allocation and not r["fixed_power"] and not r.get("weighted")}
-            if "wina" in by and "teal" in by:
-                goals.append(goal(f"{allocation}: wina / teal perplexity at {int(level * 100)}%", by["wina"] / by["teal"], 1.0))
+            for informed in ("wina", "wina_fisher"):
+                if informed in by and "teal" in by:
+                    goals.append(goal(f"{allocation}: {informed} / teal perplexity at {int(level * 100)}%", by[informed] / by["teal"], 1.0))
     write_results(args.name, {"model": lm.info.summary(), "dense_perplexity": dense, "eval_tokens": args.max_tokens, "rows": rows}, goals)
     print_goals(goals)
 

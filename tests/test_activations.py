@@ -14,7 +14,7 @@ from conftest import tiny_llama_config
 
 
 def test_methods_registered():
-    assert set(ACTIVATION_METHODS.names()) == {"teal", "wina", "cats"}
+    assert set(ACTIVATION_METHODS.names()) == {"teal", "wina", "wina_fisher", "cats"}
 
 
 @pytest.fixture()
@@ -25,7 +25,7 @@ def tiny(tokenizer):
     return LlamaForCausalLM(tiny_llama_config(len(tokenizer))).eval()
 
 
-@pytest.mark.parametrize("method", ["teal", "wina", "cats"])
+@pytest.mark.parametrize("method", ["teal", "wina", "wina_fisher", "cats"])
 def test_sparsity_zero_is_dense_and_remove_restores(method, tiny, tokenizer):
     ids = tokenize(tokenizer, shipped_text("evaluation"))[:200][None]
     with torch.no_grad():
@@ -69,6 +69,37 @@ def test_wina_scores_weigh_columns(power, tiny, tokenizer):
         x = torch.ones(1, site.module.weight.shape[1])
         norms = site.module.weight.norm(dim=0)
         assert torch.allclose(site.score(x)[0], norms.pow(p), rtol=1e-5)
+    finally:
+        handle.remove()
+
+
+def test_wina_fisher_weighs_rows_by_the_loss_gradient(tiny, tokenizer):
+    """The score scale is ||sqrt(F) * W[:, j]|| ** p, F the mean squared loss gradient of each output, computed here by hand."""
+    from sparsa.data.calibration import calibration_samples
+    from sparsa.data.text import load_text
+
+    grads, outputs = [], []
+    module = tiny.model.layers[1].mlp.down_proj
+
+    def keep(m, args, out) -> None:
+        out.retain_grad()
+        outputs.append(out)
+
+    handle = module.register_forward_hook(keep)
+    batches = calibration_samples(tokenizer, load_text("calibration"), 3, 32, 0)
+    for row in batches:
+        tiny(row[None], labels=row[None]).loss.backward()
+        grads.append(outputs.pop().grad.reshape(-1, module.out_features))
+    handle.remove()
+    tiny.zero_grad(set_to_none=True)
+    fisher = torch.cat(grads).pow(2).mean(0)
+    before = [p.requires_grad for p in tiny.parameters()]
+    handle = apply(tiny, "wina_fisher", 0.5, tokenizer=tokenizer, samples=3, seq_len=32, targets=("down_proj",), weight_power=0.5)
+    try:
+        site = next(s for s in handle.sites if s.module is module)
+        expected = (module.weight.detach() * fisher.sqrt()[:, None]).norm(dim=0).pow(0.5)
+        assert torch.allclose(site.scale, expected, rtol=1e-4)
+        assert [p.requires_grad for p in tiny.parameters()] == before and all(p.grad is None for p in tiny.parameters())
     finally:
         handle.remove()
 
@@ -140,7 +171,7 @@ def test_sparse_gemv_under_the_interpreter(tmp_path):
     assert "gemv interpreter ok" in run_interpreted(GEMV_BODY, tmp_path)
 
 
-@pytest.mark.parametrize("method", ["teal", "wina", "cats"])
+@pytest.mark.parametrize("method", ["teal", "wina", "wina_fisher", "cats"])
 def test_kernel_layers_equal_the_hooks(method, tiny, tokenizer):
     """use_kernels swaps in SparseInputLinear; on CPU (masked dense path) the model computes what the hooks did."""
     from sparsa.activations.kernel import SparseInputLinear, use_kernels

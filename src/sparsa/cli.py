@@ -40,7 +40,9 @@ examples:
 --longctx runs our seeded long-context tasks (needle, multikey, multivalue,
 variable_tracking, common_words) and scores answers by exact match.
 --activations zeroes the smallest activations per token (teal: |x|; wina:
-|x| times the weight column norm; cats: the MLP gate) at calibrated thresholds.
+|x| times the weight column norm; wina_fisher: the same with each output row
+weighted by the loss's sensitivity to it; cats: the MLP gate) at calibrated
+thresholds.
 --attention makes attention sparse during the evaluation (patterns: streaming,
 vertical_slash, antidiagonal, flexprefill for prefill; quest for decoding).
 """
@@ -221,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lengths", default="4096", help="with --longctx: prompt lengths in tokens, comma-separated (default: 4096)")
     p.add_argument("--examples", type=_positive, default=4, help="with --longctx: examples per task and length (default: 4)")
     _attention_args(p)
-    p.add_argument("--activations", default=None, metavar="METHOD", help="activation sparsity during the evaluation: teal, wina or cats (calibrated on the shipped text)")
+    p.add_argument("--activations", default=None, metavar="METHOD", help="activation sparsity during the evaluation: teal, wina, wina_fisher or cats (calibrated on the shipped text)")
     p.add_argument("--activation-sparsity", type=_unit_interval, default=0.5, help="with --activations: fraction of activations zeroed, in [0, 1) (default: 0.5)")
     p.add_argument("--activation-allocation", choices=["uniform", "greedy"], default="uniform",
                    help="with --activations: every layer input at the same sparsity, or a greedy per-layer search "

@@ -125,9 +125,9 @@ def apply(lm, method: str = "teal", sparsity: float = 0.5, *, tokenizer=None, te
     make_sites = ACTIVATION_METHODS.get(config.method)
     body = text if text is not None else load_text(config.calibration if config.calibration != "shipped" else "calibration")
     batches = calibration_samples(tokenizer, body, config.samples, config.seq_len, config.seed)
-    if config.method == "wina" and config.weight_power is None and config.sparsity > 0:
+    if getattr(make_sites, "weight_informed", False) and config.weight_power is None and config.sparsity > 0:
         config = dataclasses.replace(config, weight_power=_best_weight_power(model, batches, config))
-    sites = make_sites(model, config)
+    sites = make_sites(model, config, batches)
     dense = None
     if config.allocation == "greedy" and config.sparsity > 0:
         from .allocation import greedy_levels
@@ -153,7 +153,7 @@ def _best_weight_power(model: nn.Module, batches: torch.Tensor, config: Activati
     losses = {}
     for power in WEIGHT_POWERS:
         trial = dataclasses.replace(config, weight_power=power)
-        sites = ACTIVATION_METHODS.get(trial.method)(model, trial)
+        sites = ACTIVATION_METHODS.get(trial.method)(model, trial, fit)
         _calibrate(model, sites, fit, trial)
         handle = ActivationSparsity(trial, sites)
         handle.install()

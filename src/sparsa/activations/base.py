@@ -6,7 +6,9 @@ linear layer, or the output of an MLP's gate activation) and a per-channel
 calibration text every site collects a random sample of its scores; the
 site's threshold is the score quantile at the target sparsity. Applied, a
 site keeps the channels whose score reaches its threshold and zeroes the
-rest, token by token. Methods are one file each and register here.
+rest, token by token. Methods are one file each and register here: a
+method is a function ``(model, config, batches) -> list[Site]`` (``batches``:
+the calibration tokens, ``[N, L]``, for methods that measure the model).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch.nn as nn
 from ..errors import InputError, require
 from ..registry import Registry
 
-__all__ = ["ACTIVATION_METHODS", "ActivationConfig", "Site", "in_decoder_layer", "linear_sites", "threshold_at"]
+__all__ = ["ACTIVATION_METHODS", "ActivationConfig", "Site", "in_decoder_layer", "linear_sites", "threshold_at", "weight_informed"]
 
 ACTIVATION_METHODS: Registry[Callable] = Registry("activation sparsity method")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -39,11 +41,12 @@ class ActivationConfig:
     seq_len: int = 512
     seed: int = 0
     values_per_batch: int = 16384  # scores kept per site and calibration batch (a random sample)
-    # wina: the score is |x_j| * ||W[:, j]|| ** weight_power; None: the power among WEIGHT_POWERS with the
-    # lowest loss on held-out calibration text
+    # weight-informed methods (wina, wina_fisher): the score is |x_j| * ||W[:, j]|| ** weight_power (W
+    # Fisher-weighted for wina_fisher); None: the power among WEIGHT_POWERS with the lowest loss on held-out
+    # calibration text
     weight_power: float | None = None
-    # wina: the linears (by name suffix, among ``targets``) whose score is weighted; the others use |x_j|.
-    # None: all of them. The WINA authors' code weights k_proj and gate_proj only.
+    # weight-informed methods: the linears (by name suffix, among ``targets``) whose score is weighted; the
+    # others use |x_j|. None: all of them. The WINA authors' code weights k_proj and gate_proj only.
     weighted: tuple[str, ...] | None = None
     # "uniform": every site at ``sparsity``; "greedy": per decoder layer, sites raised ``greedy_step`` at a
     # time where the layer's output moves least, until the layer's weight-weighted mean reaches ``sparsity``
@@ -112,6 +115,12 @@ class Site:
         """Weights this site's cut lets a kernel skip in proportion (its linear's, or the MLP's for a gate site)."""
         module = self.module
         return module.in_features * module.out_features if hasattr(module, "in_features") else 0
+
+
+def weight_informed(make_sites: Callable) -> Callable:
+    """Mark a method whose score carries a weight power (``config.weight_power``), which ``apply`` calibrates when unset."""
+    make_sites.weight_informed = True
+    return make_sites
 
 
 def threshold_at(sorted_scores: torch.Tensor, sparsity: float) -> float:

@@ -14,7 +14,7 @@ from .base import ACTIVATION_METHODS, Site, in_decoder_layer
 
 
 @ACTIVATION_METHODS.register("cats")
-def cats_sites(model, config):
+def cats_sites(model, config, batches):
     sites = []
     for name, module in model.named_modules():
         act = getattr(module, "act_fn", None)

@@ -6,5 +6,5 @@ from .base import ACTIVATION_METHODS, linear_sites
 
 
 @ACTIVATION_METHODS.register("teal")
-def teal_sites(model, config):
+def teal_sites(model, config, batches):
     return linear_sites(model, config.targets, lambda module: None)

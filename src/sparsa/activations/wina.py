@@ -13,21 +13,20 @@ layers (the WINA authors' code weights ``k_proj`` and ``gate_proj`` only).
 
 from __future__ import annotations
 
-import torch
-
-from .base import ACTIVATION_METHODS, linear_sites
-
-
-def _column_norms(module, power: float = 1.0) -> torch.Tensor:
-    weight = module.weight.detach()
-    return weight.float().norm(dim=0).pow(power).to(weight.dtype)
+from .base import ACTIVATION_METHODS, linear_sites, weight_informed
 
 
 @ACTIVATION_METHODS.register("wina")
-def wina_sites(model, config):
+@weight_informed
+def wina_sites(model, config, batches):
+    return weighted_sites(model, config, lambda site: site.module.weight.detach().float())
+
+
+def weighted_sites(model, config, weight_of) -> list:
+    """Input sites whose score is ``|x_j| * ||weight_of(site)[:, j]|| ** p`` (on ``config.weighted`` layers; others ``|x_j|``)."""
     power = 1.0 if config.weight_power is None else config.weight_power
     sites = linear_sites(model, config.targets, lambda module: None)
     for site in sites:
         if config.weighted is None or site.name.rsplit(".", 1)[-1] in config.weighted:
-            site.scale = _column_norms(site.module, power)
+            site.scale = weight_of(site).norm(dim=0).pow(power).to(site.module.weight.dtype)
     return sites
