@@ -23,6 +23,11 @@ chooses among (information only: it is never used to choose).
 layers' scores weighted (the WINA authors' choice), at ``p`` = 1 and at the
 calibrated ``p`` (information too).
 
+Each finished run is appended to ``benchmarks/results/NAME.partial.jsonl``
+(keyed by method, allocation, level, power, weighted layers and
+``--max-tokens``): an interrupted benchmark resumes where it stopped;
+``--fresh`` starts over. The journal is removed once NAME.json is written.
+
 Goal (issue 7): the weight-informed method no worse than plain thresholds
 (teal) at every level, compared with the same allocation; a goal row for each
 weight-informed method run (wina, wina_fisher).
@@ -33,7 +38,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from sparsa.benchmarking import goal, print_goals, write_results
+from sparsa.benchmarking import Journal, goal, print_goals, write_results
 
 
 def main() -> None:
@@ -49,6 +54,7 @@ def main() -> None:
     parser.add_argument("--weighted", default="",
                         help="also run wina (uniform) weighting only these layers' scores, e.g. k_proj,gate_proj "
                              "(for information), at p = 1 and at the calibrated p")
+    parser.add_argument("--fresh", action="store_true", help="ignore the rows an interrupted run left in NAME.partial.jsonl")
     args = parser.parse_args()
 
     from sparsa.activations import apply
@@ -62,9 +68,19 @@ def main() -> None:
     def ppl():
         return perplexity(lm.model, lm.tokenizer, text, seq_len=1024, max_tokens=args.max_tokens, progress=False).perplexity
 
-    t0 = time.perf_counter()
-    dense = ppl()
-    print(f"dense perplexity {dense:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    def key(row):  # what a row was measured with
+        only = row.get("weighted")
+        return (row["method"], row["allocation"], row["target"], row["weight_power"] if row["fixed_power"] else None,
+                tuple(only) if only else None, row["eval_tokens"])
+
+    journal = Journal(args.name, key, fresh=args.fresh)
+    dense_key = ("dense", None, 0.0, None, None, args.max_tokens)
+    if dense_key not in journal:
+        t0 = time.perf_counter()
+        journal.append({"method": "dense", "allocation": None, "target": 0.0, "weight_power": None, "fixed_power": False,
+                        "weighted": None, "eval_tokens": args.max_tokens, "perplexity": ppl(), "seconds": time.perf_counter() - t0})
+    dense = journal.done[dense_key]["perplexity"]
+    print(f"dense perplexity {dense:.3f}", flush=True)
     rows = []
     levels = [float(v) for v in args.levels.split(",")]
     # (method, allocation, fixed weight power or None, weighted layers or None)
@@ -74,18 +90,22 @@ def main() -> None:
     runs += [("wina", "uniform", p, weighted) for p in (1.0, None)] if weighted else []
     for method, allocation, power, only in runs:
         for level in levels:
+            done = journal.done.get((method, allocation, level, power, only, args.max_tokens))
+            if done is not None:
+                rows.append(done)
+                continue
             t0 = time.perf_counter()
             options = ({} if power is None else {"weight_power": power}) | ({} if only is None else {"weighted": only})
             handle = apply(lm, method, level, allocation=allocation, **options)
             calibrate_s = time.perf_counter() - t0
             handle.start_tracking()
             value = ppl()
-            rows.append({"method": method, "allocation": allocation, "target": level, "perplexity": value,
+            rows.append(journal.append({"method": method, "allocation": allocation, "target": level, "perplexity": value,
                          "ratio_to_dense": value / dense, "measured_sparsity": handle.measured_sparsity(),
                          "measured_weight_sparsity": handle.measured_weight_sparsity(),
                          "calibrate_s": calibrate_s, "weight_power": handle.config.weight_power if method.startswith("wina") else None,
                          "fixed_power": power is not None, "weighted": list(only) if only else None,
-                         "seconds": time.perf_counter() - t0})
+                         "eval_tokens": args.max_tokens, "seconds": time.perf_counter() - t0}))
             handle.remove()
             shown = f", p={rows[-1]['weight_power']}" if method.startswith("wina") else ""
             shown += f", weighted {'+'.join(only)}" if only else ""
@@ -109,6 +129,7 @@ def main() -> None:
                 if informed in by and "teal" in by:
                     goals.append(goal(f"{allocation}: {informed} / teal perplexity at {int(level * 100)}%", by[informed] / by["teal"], 1.0))
     write_results(args.name, {"model": lm.info.summary(), "dense_perplexity": dense, "eval_tokens": args.max_tokens, "rows": rows}, goals)
+    journal.finish()
     print_goals(goals)
 
 

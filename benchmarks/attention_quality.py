@@ -21,11 +21,9 @@ of the dense score on the tasks the dense model solves.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
-from sparsa.benchmarking import RESULTS, goal, print_goals, write_results
+from sparsa.benchmarking import Journal, goal, print_goals, write_results
 
 CONFIGS = [  # (label, method, settings): two settings per pattern, denser first
     ("dense", None, {}),
@@ -62,17 +60,11 @@ def main() -> None:
     lengths = [int(v) for v in args.lengths.split(",")]
     tasks = [t for t in args.tasks.split(",") if t]
     configs = [c for c in CONFIGS if args.configs is None or c[0] in args.configs.split(",")]
-    journal = Path(RESULTS) / f"{args.name}.partial.jsonl"
-    journal.parent.mkdir(parents=True, exist_ok=True)
-    done = {}
-    if journal.is_file():
-        for line in journal.read_text().splitlines():
-            row = json.loads(line)
-            done[(row["model"], row["config"], tuple(row["lengths"]))] = row
+    journal = Journal(args.name, key=lambda row: (row["model"], row["config"], tuple(row["lengths"])))
     attn = [m for _, m in lm.model.named_modules() if hasattr(m, "layer_idx") and type(m).__name__.endswith("Attention")]
     print(f"{lm.info.name}: lengths {lengths}, tasks {tasks}, {args.examples} examples each", flush=True)
     for label, method, settings in configs:
-        if (lm.info.name, label, tuple(lengths)) in done:
+        if (lm.info.name, label, tuple(lengths)) in journal:
             continue
         remove(lm.model)
         if method is not None:
@@ -93,13 +85,11 @@ def main() -> None:
                "mean_score": sum(scores) / len(scores), "scores": result["scores"],
                "density": sum(densities) / len(densities), "seconds": time.perf_counter() - t0,
                "examples": result["examples"]}
-        with journal.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        done[(lm.info.name, label, tuple(lengths))] = row
+        journal.append(row)
         print(f"{label:28} score {row['mean_score']:.3f}  density {row['density']:.3f}  ({row['seconds']:.0f} s)", flush=True)
     remove(lm.model)
-    report(args, lm.info.name, [done[(lm.info.name, c[0], tuple(lengths))] for c in configs
-                                      if (lm.info.name, c[0], tuple(lengths)) in done], tasks, lengths)
+    report(args, lm.info.name, [journal.done[(lm.info.name, c[0], tuple(lengths))] for c in configs
+                                      if (lm.info.name, c[0], tuple(lengths)) in journal], tasks, lengths)
 
 
 def report(args, model_name: str, rows: list[dict], tasks: list[str], lengths: list[int]) -> None:

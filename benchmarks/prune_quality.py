@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import save_file
 
 import sparsa
-from sparsa.benchmarking import RESULTS, goal, print_goals, write_results
+from sparsa.benchmarking import Journal, goal, print_goals, write_results
 from sparsa.data import calibration_samples, shipped_text
 from sparsa.models.loading import _gguf_cache, default_model_path
 
@@ -42,24 +42,10 @@ OURS = [
     for owl in (False,)
 ] + [("wanda", "unstructured", 0.7, True), ("dsnot", "unstructured", 0.7, True)]
 PEER = [(method, pattern) for method in ("wanda", "sparsegpt") for pattern in ("unstructured", "2:4")]
-PARTIAL = RESULTS / "prune_quality.partial.jsonl"
 
 
 def label(method: str, pattern: str, sparsity: float, owl: bool = False) -> str:
     return f"{method}{'+owl' if owl else ''} {pattern if pattern != 'unstructured' else f'{sparsity:.0%}'}"
-
-
-def done() -> dict[str, dict]:
-    if not PARTIAL.is_file():
-        return {}
-    rows = [json.loads(line) for line in PARTIAL.read_text().splitlines() if line.strip()]
-    return {row["name"]: row for row in rows}
-
-
-def append(row: dict) -> None:
-    PARTIAL.parent.mkdir(parents=True, exist_ok=True)
-    with open(PARTIAL, "a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def ours(name: str, method: str, pattern: str, sparsity: float, owl: bool) -> dict:
@@ -94,17 +80,15 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="skip configurations already in the partial results")
     args = parser.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    if not args.resume and PARTIAL.exists():
-        PARTIAL.unlink()
-    finished = done()
+    journal = Journal("prune_quality", key=lambda row: row["name"], fresh=not args.resume)
     model_dir = _gguf_cache(default_model_path())
     tokenizer = sparsa.load_model().tokenizer
     jobs = [("dense", "dense", "unstructured", 0.0, False)] + [(label(*c), *c) for c in OURS]
     for name, method, pattern, sparsity, owl in jobs:
-        if name in finished:
+        if name in journal:
             continue
         print(f"... {name}", file=sys.stderr, flush=True)
-        append(ours(name, method, pattern, sparsity, owl))
+        journal.append(ours(name, method, pattern, sparsity, owl))
     if args.peer_python:
         with tempfile.TemporaryDirectory() as tmp:
             calib_file = Path(tmp) / "calibration.safetensors"
@@ -112,15 +96,15 @@ def main() -> None:
             save_file({"input_ids": ids.contiguous()}, calib_file)
             for method, pattern in PEER:
                 name = f"llm-compressor {label(method, pattern, 0.5)}"
-                if name in finished:
+                if name in journal:
                     continue
                 print(f"... {name}", file=sys.stderr, flush=True)
                 try:
                     row = peer(args.peer_python, method, pattern, model_dir, calib_file)
                 except RuntimeError as e:
                     row = {"method": method, "pattern": pattern, "error": str(e)}
-                append({"name": name, "library": "llm-compressor", "sparsity": 0.5, **row})
-    rows = list(done().values())
+                journal.append({"name": name, "library": "llm-compressor", "sparsity": 0.5, **row})
+    rows = list(journal.done.values())
     report(rows)
 
 

@@ -71,6 +71,37 @@ def write_results(name: str, payload: dict, goals: list[dict], directory: Path |
     return path
 
 
+class Journal:
+    """Finished rows of a long benchmark, one JSON line each in ``RESULTS/NAME.partial.jsonl``.
+
+    A rerun skips what is already there, so an interrupted run resumes;
+    ``fresh=True`` starts over. ``key`` names a row (it must be the same for a
+    row read back from disk, i.e. built from JSON types).
+    """
+
+    def __init__(self, name: str, key, fresh: bool = False, directory: Path | None = None) -> None:
+        self.path = (directory or RESULTS) / f"{name}.partial.jsonl"
+        self.key = key
+        if fresh and self.path.exists():
+            self.path.unlink()
+        rows = [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()] if self.path.is_file() else []
+        self.done: dict = {key(row): row for row in rows}
+
+    def __contains__(self, key) -> bool:
+        return key in self.done
+
+    def append(self, row: dict) -> dict:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:  # one line per write: a crash loses at most the row being written
+            f.write(json.dumps(row, default=str) + "\n")
+        self.done[self.key(row)] = row
+        return row
+
+    def finish(self) -> None:
+        """Forget the rows (the run is complete and its results are saved)."""
+        self.path.unlink(missing_ok=True)
+
+
 def cuda_median_ms(fn, reps: int = 5, warmup: int = 1) -> float:
     """Median GPU time of ``fn()`` in milliseconds: CUDA events around each call, after ``warmup`` untimed calls."""
     import statistics
