@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from sparsa.data import calibration_samples, load_text, provenance, shipped_text
+from sparsa.data import calibration_samples, held_out_samples, load_text, provenance, shipped_text, tokenize
 from sparsa.errors import DataError, InputError
 
 
@@ -34,6 +34,25 @@ def test_calibration_samples_are_seeded_and_reproducible(tokenizer):
     c = calibration_samples(tokenizer, text, 8, 64, seed=2)
     assert a.shape == (8, 64) and a.dtype == torch.long
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_held_out_samples_share_no_token_position_with_the_calibration_samples(tokenizer):
+    text = shipped_text("calibration")
+    ids = tokenize(tokenizer, text)
+    fit = calibration_samples(tokenizer, text, 16, 128, seed=3)
+    held = held_out_samples(tokenizer, text, 16, 128, seed=3)
+    assert held.shape == fit.shape and torch.equal(held, held_out_samples(tokenizer, text, 16, 128, seed=3))
+
+    def positions(windows):  # the token offsets each window covers (found by its first 16 tokens)
+        found = set()
+        for window in windows:
+            hits = (ids.unfold(0, 16, 1) == window[:16]).all(1).nonzero().flatten().tolist()
+            found |= {range(h, h + len(window)) for h in hits[:1]}
+        return set().union(*found)
+
+    assert not positions(fit) & positions(held)
+    with pytest.raises(DataError, match="held-out"):
+        held_out_samples(tokenizer, text[:3000], 16, 128)
 
 
 def test_user_text_and_jsonl(tmp_path):

@@ -113,7 +113,7 @@ def apply(lm, method: str = "teal", sparsity: float = 0.5, *, tokenizer=None, te
     ``seed``, ``allocation``, ...). Returns the handle; ``.remove()`` restores the dense model.
     Sparsity 0 installs nothing that changes the output.
     """
-    from ..data.calibration import calibration_samples
+    from ..data.calibration import calibration_samples, held_out_samples
     from ..data.text import load_text
 
     from ..models.loading import LoadedModel
@@ -126,7 +126,8 @@ def apply(lm, method: str = "teal", sparsity: float = 0.5, *, tokenizer=None, te
     body = text if text is not None else load_text(config.calibration if config.calibration != "shipped" else "calibration")
     batches = calibration_samples(tokenizer, body, config.samples, config.seq_len, config.seed)
     if getattr(make_sites, "weight_informed", False) and config.weight_power is None and config.sparsity > 0:
-        config = dataclasses.replace(config, weight_power=_best_weight_power(model, batches, config))
+        check = held_out_samples(tokenizer, body, config.samples, config.seq_len, config.seed)
+        config = dataclasses.replace(config, weight_power=_best_weight_power(model, batches, check, config))
     sites = make_sites(model, config, batches)
     dense = None
     if config.allocation == "greedy" and config.sparsity > 0:
@@ -145,16 +146,14 @@ def apply(lm, method: str = "teal", sparsity: float = 0.5, *, tokenizer=None, te
     return handle
 
 
-def _best_weight_power(model: nn.Module, batches: torch.Tensor, config: ActivationConfig) -> float:
-    """The weight power with the lowest loss on a held-out quarter of the calibration batches (the rest calibrates)."""
-    held = max(1, len(batches) // 4)
-    fit, check = (batches[:-held], batches[-held:]) if len(batches) > 1 else (batches, batches)
+def _best_weight_power(model: nn.Module, batches: torch.Tensor, check: torch.Tensor, config: ActivationConfig) -> float:
+    """The weight power whose calibration (on ``batches``) gives the lowest loss on ``check``, held-out calibration text."""
     device = next(model.parameters()).device
     losses = {}
     for power in WEIGHT_POWERS:
         trial = dataclasses.replace(config, weight_power=power)
-        sites = ACTIVATION_METHODS.get(trial.method)(model, trial, fit)
-        _calibrate(model, sites, fit, trial)
+        sites = ACTIVATION_METHODS.get(trial.method)(model, trial, batches)
+        _calibrate(model, sites, batches, trial)
         handle = ActivationSparsity(trial, sites)
         handle.install()
         try:

@@ -30,6 +30,31 @@ def calibration_samples(tokenizer, text: str, n_samples: int, seq_len: int, seed
             f"{n_samples} samples of {seq_len} tokens need {needed} tokens but the text has {len(ids)}; "
             "pass a longer text or fewer --samples"
         )
+    return torch.stack([ids[s : s + seq_len] for s in _starts(len(ids), n_samples, seq_len, seed)])
+
+
+def _starts(n_tokens: int, n_samples: int, seq_len: int, seed: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, len(ids) - seq_len, (n_samples,), generator=generator)
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    return torch.randint(0, n_tokens - seq_len, (n_samples,), generator=generator).tolist()
+
+
+def held_out_samples(tokenizer, text: str, n_samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """``n_samples`` windows of ``seq_len`` tokens that overlap none of ``calibration_samples``' windows (same arguments).
+
+    For choosing a setting on the calibration text without scoring it on the
+    very tokens it was fitted to. Seeded as well.
+    """
+    ids = tokenize(tokenizer, text)
+    taken = _starts(len(ids), n_samples, seq_len, seed) if len(ids) > seq_len else []
+    generator = torch.Generator().manual_seed(seed + 1)
+    starts: list[int] = []
+    for _ in range(100 * n_samples):
+        if len(starts) == n_samples or len(ids) <= seq_len:
+            break
+        start = int(torch.randint(0, len(ids) - seq_len, (1,), generator=generator))
+        if all(abs(start - other) >= seq_len for other in taken + starts):
+            starts.append(start)
+    if len(starts) < n_samples:
+        raise DataError(f"the calibration text is too short for {n_samples} held-out samples of {seq_len} tokens beside "
+                        f"the calibration samples; pass a longer text or fewer --samples")
+    return torch.stack([ids[s : s + seq_len] for s in starts])
