@@ -45,15 +45,16 @@ def held_out_samples(tokenizer, text: str, n_samples: int, seq_len: int, seed: i
     very tokens it was fitted to. Seeded as well.
     """
     ids = tokenize(tokenizer, text)
-    taken = _starts(len(ids), n_samples, seq_len, seed) if len(ids) > seq_len else []
-    generator = torch.Generator().manual_seed(seed + 1)
     starts: list[int] = []
-    for _ in range(100 * n_samples):
-        if len(starts) == n_samples or len(ids) <= seq_len:
-            break
-        start = int(torch.randint(0, len(ids) - seq_len, (1,), generator=generator))
-        if all(abs(start - other) >= seq_len for other in taken + starts):
-            starts.append(start)
+    if len(ids) > seq_len:
+        taken = _starts(len(ids), n_samples, seq_len, seed)
+        generator = torch.Generator().manual_seed(seed + 1)
+        for _ in range(100 * n_samples):
+            if len(starts) == n_samples:
+                break
+            start = int(torch.randint(0, len(ids) - seq_len, (1,), generator=generator))
+            if all(abs(start - other) >= seq_len for other in taken + starts):
+                starts.append(start)
     if len(starts) < n_samples:
         raise DataError(f"the calibration text is too short for {n_samples} held-out samples of {seq_len} tokens beside "
                         f"the calibration samples; pass a longer text or fewer --samples")
