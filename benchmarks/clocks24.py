@@ -127,7 +127,7 @@ def main() -> None:
     try:
         telemetry = Telemetry(torch.cuda.current_device())
     except ImportError:
-        sys.exit("clocks24.py reads the GPU's clocks through NVML: pip install nvidia-ml-py")
+        sys.exit("clocks24.py reads the GPU's clocks through NVML: pip install nvidia-ml-py (or the gpu extra: pip install -e .[gpu])")
 
     from sparsa.kernels.bench_linear import DTYPES, SHAPES
     from sparsa.kernels.sparse24 import SparseLinear24, random_24_linear
