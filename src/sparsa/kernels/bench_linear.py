@@ -23,7 +23,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-__all__ = ["SHAPES", "TOKENS", "DTYPES", "format_case", "format_header", "format_summary", "run_shape", "summarize"]
+__all__ = ["SHAPES", "TOKENS", "DTYPES", "format_case", "format_header", "format_summary", "rel_error", "run_shape", "summarize"]
 
 SHAPES = {
     "8B": [("qkv", 6144, 4096), ("o", 4096, 4096), ("gate_up", 28672, 4096), ("down", 4096, 14336)],
@@ -35,7 +35,7 @@ X_BYTES = 1 << 30  # rotating inputs: as many copies as fit in this (2 to 4)
 ROUNDS = 3
 
 
-def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
@@ -116,10 +116,10 @@ def _run_case(case: dict, ours, w, stock_w, stock_error, rep_ms: float, dispatch
         if plan.errors:
             case["dispatch_errors"] = plan.errors
         ref = F.linear(xs[0], w)
-        case["error_ours"] = _rel_error(ours(xs[0]), ref)
+        case["error_ours"] = rel_error(ours(xs[0]), ref)
         if stock_w is not None:
             try:
-                case["error_stock"] = _rel_error(F.linear(xs[0], stock_w), ref)
+                case["error_stock"] = rel_error(F.linear(xs[0], stock_w), ref)
             except Exception as exc:  # noqa: BLE001
                 case["stock_error"] = f"{type(exc).__name__}: {exc}"[:200]
         elif stock_error:
