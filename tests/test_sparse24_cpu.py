@@ -245,3 +245,29 @@ def test_triton_kernels_under_the_interpreter(tmp_path):
     from triton_interpreter import run_interpreted
 
     assert "interpreter ok" in run_interpreted(INTERPRETER_BODY, tmp_path)
+
+
+def test_a_bound_input_shape_skips_the_checks_but_not_for_other_inputs():
+    """After one checked call, inputs of the same shape, dtype and device take the bound call; others are still checked."""
+    from sparsa.kernels import sparse24
+
+    w = random_24(8, 32, dtype=torch.bfloat16)
+    layer = SparseLinear24(compress_24(w), None, name="layers.0.q_proj", dense_weight=w)
+    layer._routes[(bucket(6), torch.bfloat16)] = ("dense", None, None)  # as if measured
+    with torch.no_grad():
+        for shape in ((2, 3, 32), (6, 32), (2, 3, 32)):
+            x = torch.randn(shape, dtype=torch.bfloat16)
+            y = layer(x)
+            assert y.shape == (*shape[:-1], 8)
+            torch.testing.assert_close(y, torch.nn.functional.linear(x, w))
+        assert set(layer._calls) == {6} and len(layer._bound) == 2
+        with pytest.raises(InputError, match="q_proj is torch.bfloat16 but got a torch.float16 input"):
+            layer(torch.randn(2, 3, 32, dtype=torch.float16))
+    with pytest.raises(InputError, match="inference-only"):
+        layer(torch.randn(2, 3, 32, dtype=torch.bfloat16, requires_grad=True))
+    cache = {}
+    for key in range(sparse24.REMEMBERED + 3):
+        sparse24._remember(cache, key, key)
+    assert list(cache) == list(range(3, sparse24.REMEMBERED + 3)), "the oldest entries go first"
+    layer.to(torch.float16)
+    assert not layer._bound, "a cast drops the bound shapes with the prepared calls"

@@ -223,6 +223,8 @@ def test_prepared_calls_take_fresh_inputs():
             x = fresh_x(m, k + 32, torch.bfloat16, 98)[:, :k]
             check(layer(x), reference(x, lin.weight, lin.bias), f"row stride {k + 32}, m={m}")
     assert routed, "no token count ran on Triton: prepared calls were not exercised"
+    with pytest.raises(InputError, match="got an input on cpu"):
+        layer(torch.randn(1, k, dtype=torch.bfloat16))  # a bound shape and dtype, but on the CPU
     layer.cuda()  # a move (even to where it is) drops what was prepared for the old tensors
     assert not layer._calls and not layer._routes
     with torch.no_grad():

@@ -414,6 +414,6 @@ class PreparedMatmul:
         self.weight, self.plan = weight, weight._plan(x, probe, bucket, algorithm)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.empty((self.m, self.n), dtype=self.dtype, device=self.device)
+        y = x.new_empty((self.m, self.n))
         self.plan.run(x, y)
         return y

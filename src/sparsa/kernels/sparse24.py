@@ -55,7 +55,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn as nn
@@ -86,6 +86,7 @@ M_ALIGN_CSLT = ALIGN_M  # and the dense operand's rows (tokens) a multiple of 8
 ROWS_PER_CHUNK = 1024  # compression works on slabs of rows to bound temporaries (~40 bytes per group)
 PATHS = ("triton", "cusparselt", "dense")
 DTYPES = (torch.float16, torch.bfloat16)
+REMEMBERED = 16  # prepared calls, and input shapes bound to them, kept per layer
 
 
 def _round_up(a: int, b: int) -> int:
@@ -264,6 +265,25 @@ def cusparselt_available() -> bool:
 # --------------------------------------------------------------------------- the module
 
 
+def _remember(cache: dict, key, value, size: int = REMEMBERED) -> None:
+    """``cache[key] = value``, the oldest entry dropped beyond ``size`` (prompt lengths vary without bound)."""
+    if len(cache) >= size:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+
+
+def _shaped(call, m: int, k: int, out_shape: tuple) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``call`` (on ``[m, k]`` rows) for inputs of one shape: flatten, run, give the output its shape."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(m, k)
+        if x2d.stride(1) != 1:
+            x2d = x2d.contiguous()
+        return call(x2d).view(out_shape)
+
+    return forward
+
+
 class SparseLinear24(nn.Module):
     """A drop-in for ``nn.Linear`` whose weight is 2:4 sparse, for inference on a CUDA GPU.
 
@@ -294,6 +314,8 @@ class SparseLinear24(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.cslt_rows = _round_up(self.out_features, N_ALIGN_CSLT)
         self._routes: dict[tuple, tuple] = {}  # (token bucket, dtype) -> (path, triton config, cuSPARSELt algorithm)
+        # (input shape, dtype, device index) -> that input's whole forward, its checks passed once
+        self._bound: dict[tuple, Callable[[torch.Tensor], torch.Tensor]] = {}
         self._calls: dict[int, object] = {}  # tokens -> a call bound once on the measured route
         self.shares_values = False
 
@@ -447,6 +469,9 @@ class SparseLinear24(nn.Module):
         return route
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bound = self._bound.get((x.shape, x.dtype, x.get_device()))
+        if bound is not None and not (x.requires_grad and torch.is_grad_enabled()):
+            return bound(x)  # an input like one already checked and routed: a decode step's every call
         if x.shape[-1] != self.in_features:
             raise InputError(f"{_label(self.name)} expects {self.in_features} input features, got shape {tuple(x.shape)}")
         if x.dtype != self.values.dtype:
@@ -463,16 +488,16 @@ class SparseLinear24(nn.Module):
             x2d = x2d.contiguous()
         m = x2d.shape[0]
         call = self._calls.get(m)
-        if call is not None:  # no routing: a prepared launch
-            return call(x2d).reshape(*lead, self.out_features)
-        path, config, algorithm = self.route(m)
-        if self._route_key(m) in self._routes:  # measured, not forced
+        if call is None:
+            path, config, algorithm = self.route(m)
+            if self._route_key(m) not in self._routes:  # forced, or not measured (graph capture): no binding
+                return self.run(x2d, path, config=config, algorithm=algorithm).reshape(*lead, self.out_features)
             call = self._prepare(x2d, path, config, algorithm)
-            if call is not None:
-                self._calls[m] = call
-                return call(x2d).reshape(*lead, self.out_features)
-        y = self.run(x2d, path, config=config, algorithm=algorithm)
-        return y.reshape(*lead, self.out_features)
+            if call is None:
+                return self.run(x2d, path, config=config, algorithm=algorithm).reshape(*lead, self.out_features)
+            _remember(self._calls, m, call)
+        _remember(self._bound, (x.shape, x.dtype, x.get_device()), _shaped(call, m, self.in_features, (*lead, self.out_features)))
+        return call(x2d).reshape(*lead, self.out_features)
 
     def _prepare(self, x2d: torch.Tensor, path: str, config, algorithm):
         """A call bound once for ``x2d``'s token count on its measured path, or None where one does not apply."""
@@ -499,6 +524,7 @@ class SparseLinear24(nn.Module):
         return None
 
     def _forget_prepared(self) -> None:
+        self._bound.clear()
         self._calls.clear()
         self._routes.clear()
 
@@ -515,7 +541,7 @@ class SparseLinear24(nn.Module):
     def __getstate__(self):
         # prepared calls hold compiled kernels, which neither copy nor pickle; they are made again on use
         state = self.__dict__.copy()
-        state["_calls"] = {}
+        state["_calls"], state["_bound"] = {}, {}
         return state
 
     def extra_repr(self) -> str:

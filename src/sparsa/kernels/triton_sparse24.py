@@ -506,7 +506,7 @@ class PreparedCall:
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if out is None:
-            out = torch.empty((self.m, self.n), dtype=self.dtype, device=self.device)
+            out = x.new_empty((self.m, self.n))  # (x has the weight's dtype and device: the layer checked)
         if x.stride(0) % 4 or x.storage_offset() % 4:
             x = x.contiguous()  # the int64 view needs 8-byte aligned rows
         xq = x.view(torch.int64)
