@@ -23,60 +23,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import threading
 import time
 
 import torch
 import torch.nn.functional as F
 
+from telemetry import Telemetry
+
 from sparsa.benchmarking import goal, print_goals, write_results
 from sparsa.kernels.bench_linear import DTYPES, SHAPES, rel_error
 from sparsa.kernels.sparse24 import SparseLinear24, random_24_linear
-
-SAMPLE_S = 0.02
-SETTLE_S = 0.3  # the clock takes this long to move after the load changes
-THROTTLE_NAMES = {0x1: "idle", 0x2: "app clocks", 0x4: "sw power cap", 0x8: "hw slowdown", 0x20: "sw thermal",
-                  0x40: "hw thermal", 0x80: "hw power brake"}
-
-
-class Telemetry:
-    """Reads SM clock (MHz), power (W) and clock-event reasons in a thread between ``start`` and ``stop``."""
-
-    def __init__(self, index: int) -> None:
-        import pynvml
-
-        pynvml.nvmlInit()
-        self.nvml, self.handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(index)
-        self.samples: list[tuple[float, int, float, int]] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _reasons(self) -> int:
-        get = getattr(self.nvml, "nvmlDeviceGetCurrentClocksEventReasons", None) or self.nvml.nvmlDeviceGetCurrentClocksThrottleReasons
-        return int(get(self.handle))
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append((time.perf_counter(), self.nvml.nvmlDeviceGetClockInfo(self.handle, self.nvml.NVML_CLOCK_SM),
-                                 self.nvml.nvmlDeviceGetPowerUsage(self.handle) / 1000.0, self._reasons()))
-            time.sleep(SAMPLE_S)
-
-    def start(self) -> None:
-        self.samples, self._stop = [], threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def stop(self) -> dict:
-        self._stop.set()
-        self._thread.join()
-        t0 = self.samples[0][0] if self.samples else 0.0
-        kept = [s for s in self.samples if s[0] - t0 >= SETTLE_S] or self.samples
-        reasons = 0
-        for s in kept:
-            reasons |= s[3]
-        return {"sm_mhz": statistics.mean(s[1] for s in kept), "power_w": statistics.mean(s[2] for s in kept),
-                "samples": len(kept), "reasons": sorted(name for bit, name in THROTTLE_NAMES.items() if reasons & bit)}
-
 
 def sustained(fn, seconds: float, telemetry: Telemetry) -> dict:
     """Run ``fn`` back to back for ``seconds``; its mean time per call (µs, device events) and the telemetry."""

@@ -5,7 +5,7 @@ RMSNorm, fused qkv, rotary embeddings, grouped-query SDPA (32 query heads,
 hidden 4096, FFN 14336; a static KV cache. The linear layers come from a
 factory ``linear(out_features, in_features, seed)``, so each benchmark
 chooses its weights (random 2:4, random dense). :func:`time_decode` times one
-decode step captured in a CUDA graph, as a serving engine runs it;
+decode step captured in a CUDA graph (:func:`capture_decode`), as a serving engine runs it;
 :func:`time_decode_eager` times it without a graph, as a plain Python loop
 (Hugging Face ``generate``) runs it, launch costs included;
 :func:`compile_glue` fuses the small operations between the linears.
@@ -127,8 +127,8 @@ def _decode_token() -> torch.Tensor:
     return torch.randn(1, 1, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(7))
 
 
-def time_decode(model, context: int, reps: int) -> tuple[float, torch.Tensor]:
-    """Median ms of one graph-captured decode step at position ``context`` (its output, for checking)."""
+def capture_decode(model, context: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """One decode step at position ``context`` captured in a CUDA graph, and the graph's output tensor."""
     token = _decode_token()
     model(token, context)  # eager first: dispatch measured outside the capture
     stream = torch.cuda.Stream()
@@ -140,6 +140,12 @@ def time_decode(model, context: int, reps: int) -> tuple[float, torch.Tensor]:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = model(token, context)
+    return graph, out
+
+
+def time_decode(model, context: int, reps: int) -> tuple[float, torch.Tensor]:
+    """Median ms of one graph-captured decode step at position ``context`` (its output, for checking)."""
+    graph, out = capture_decode(model, context)
     return cuda_median_ms(graph.replay, reps=reps, warmup=3), out.clone()
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sparsa.benchmarking import Journal, goal, write_results
+from sparsa.benchmarking import Journal, goal, interleaved, write_results
 
 
 def test_goal_compares_in_the_stated_direction():
@@ -36,3 +36,11 @@ def test_results_carry_environment_and_goals(tmp_path):
     document = json.loads(path.read_text())
     assert document["benchmark"] == "unit" and document["rows"] == [1, 2] and document["goals"][0]["met"]
     assert {"date", "device", "versions"} <= set(document)
+
+
+def test_interleaved_rotates_the_order_every_round():
+    calls = []
+    measures = {name: (lambda name=name: calls.append(name) or len(calls)) for name in ("dense", "ours", "peer")}
+    results = interleaved(measures, rounds=4)
+    assert calls == ["dense", "ours", "peer", "ours", "peer", "dense", "peer", "dense", "ours", "dense", "ours", "peer"]
+    assert results == {"dense": [1, 6, 8, 10], "ours": [2, 4, 9, 11], "peer": [3, 5, 7, 12]}

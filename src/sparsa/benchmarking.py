@@ -122,6 +122,25 @@ def cuda_median_ms(fn, reps: int = 5, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def interleaved(measures: dict, rounds: int) -> dict[str, list[float]]:
+    """Run each of several measurements once per round, in an order that rotates from round to round.
+
+    ``measures`` maps a name to a function that measures once and returns a
+    number (e.g. ``lambda: cuda_median_ms(fn, reps=4)``); the result maps each
+    name to its ``rounds`` numbers. A GPU's clock drifts over seconds: cool,
+    it boosts; under sustained load it settles at its power limit. Measuring
+    one candidate fully and then the next hands the cool start to whichever
+    goes first; alternating spreads the drift over all of them alike.
+    """
+    names = list(measures)
+    results: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            results[name].append(measures[name]())
+    return results
+
+
 def print_goals(goals: list[dict]) -> None:
     for g in goals:
         mark = "met" if g["met"] else "NOT met"
