@@ -27,9 +27,15 @@ class Telemetry:
 
     def __init__(self, index: int, settle_s: float = 0.3) -> None:
         import pynvml
+        import torch
 
         pynvml.nvmlInit()
-        self.nvml, self.handle, self.settle_s = pynvml, pynvml.nvmlDeviceGetHandleByIndex(index), settle_s
+        try:  # NVML numbers the GPUs physically; CUDA's index counts only those CUDA_VISIBLE_DEVICES shows
+            nvml_index = torch.cuda._get_nvml_device_index(index)
+        except Exception:  # noqa: BLE001 - a private helper of torch's: without it, assume the numbering agrees
+            nvml_index = index
+        self.nvml, self.handle, self.settle_s = pynvml, pynvml.nvmlDeviceGetHandleByIndex(nvml_index), settle_s
+        self.error: str | None = None
         self.samples: list[tuple[float, int, float, int, int]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -49,9 +55,13 @@ class Telemetry:
     def _run(self) -> None:
         nvml, h = self.nvml, self.handle
         while not self._stop.is_set():
-            self.samples.append((time.perf_counter(), nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM),
-                                 nvml.nvmlDeviceGetPowerUsage(h) / 1000.0, nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU),
-                                 self._reasons()))
+            try:
+                self.samples.append((time.perf_counter(), nvml.nvmlDeviceGetClockInfo(h, nvml.NVML_CLOCK_SM),
+                                     nvml.nvmlDeviceGetPowerUsage(h) / 1000.0,
+                                     nvml.nvmlDeviceGetTemperature(h, nvml.NVML_TEMPERATURE_GPU), self._reasons()))
+            except Exception as exc:  # noqa: BLE001 - a query this GPU does not support: no telemetry, the benchmark goes on
+                self.error = f"{type(exc).__name__}: {exc}"
+                return
             time.sleep(SAMPLE_S)
 
     def start(self) -> None:
@@ -60,10 +70,14 @@ class Telemetry:
         self._thread.start()
 
     def stop(self) -> dict:
-        """Means over the samples since ``start`` (after ``settle_s``), and every clock-event reason seen."""
+        """Means over the samples since ``start`` (after ``settle_s``), and every clock-event reason seen (NaN means
+        where NVML answered no query: ``error`` says why)."""
         self._stop.set()
         self._thread.join()
-        t0 = self.samples[0][0] if self.samples else 0.0
+        if not self.samples:
+            nan = float("nan")
+            return {"sm_mhz": nan, "power_w": nan, "temp_c": nan, "samples": 0, "reasons": [], "error": self.error}
+        t0 = self.samples[0][0]
         kept = [s for s in self.samples if s[0] - t0 >= self.settle_s] or self.samples
         reasons = 0
         for s in kept:

@@ -266,7 +266,10 @@ def cusparselt_available() -> bool:
 
 
 def _remember(cache: dict, key, value, size: int = REMEMBERED) -> None:
-    """``cache[key] = value``, the oldest entry dropped beyond ``size`` (prompt lengths vary without bound)."""
+    """``cache[key] = value``, the oldest entry dropped beyond ``size`` (prompt lengths vary without bound).
+
+    A dropped call or binding is made again on its next use (one slower call).
+    """
     if len(cache) >= size:
         cache.pop(next(iter(cache)))
     cache[key] = value
