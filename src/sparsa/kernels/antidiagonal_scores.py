@@ -31,8 +31,6 @@ definition, and the CPU path).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ._triton import HAVE_TRITON, TensorDescriptor, row_tile, tl, triton

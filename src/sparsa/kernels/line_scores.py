@@ -21,8 +21,6 @@ Diagonal ``o`` (keys ``o`` positions before the query) of query ``r`` (at
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ._triton import HAVE_TRITON, tl, triton
