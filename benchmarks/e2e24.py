@@ -80,6 +80,7 @@ def main() -> None:
     x = torch.randn(1, args.prefill, HIDDEN, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(3))
     result = {"glue": args.glue, "layers": args.layers, "prefill_tokens": args.prefill, "decode_context": args.context,
               "rounds": args.rounds, "build_s": round(build_s, 1)}
+    models = {"dense": dense, "ours": ours}
     with torch.no_grad():
         t0 = time.perf_counter()
         report = sparsa.accelerate(ours)
@@ -93,15 +94,14 @@ def main() -> None:
         ref64 = block_prefill(block64, x.double())
         del block64
         result["block0_error_vs_float64"] = {name: rel_error(block_prefill(model.blocks[0], x), ref64)
-                                             for name, model in (("dense", dense), ("ours", ours))}
+                                             for name, model in models.items()}
         del ref64
         result["prefill_error"] = rel_error(ours(x, 0)[:, -64:], dense(x, 0)[:, -64:])
 
-        graphs = {name: capture_decode(model, args.context) for name, model in (("dense", dense), ("ours", ours))}
+        graphs = {name: capture_decode(model, args.context) for name, model in models.items()}
         for graph, _ in graphs.values():
             graph.replay()
         result["decode_error"] = rel_error(graphs["ours"][1], graphs["dense"][1])
-        models = {"dense": dense, "ours": ours}
         telemetry = Telemetry.maybe(torch.cuda.current_device(), settle_s=0.1)
         clocks: dict[str, list[dict]] = {name: [] for name in models}
 

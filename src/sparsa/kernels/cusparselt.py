@@ -408,8 +408,8 @@ class PreparedMatmul:
     """
 
     def __init__(self, weight: CsltWeight, x: torch.Tensor, bucket: int, algorithm: Algorithm | None) -> None:
-        self.m, self.n, self.dtype, self.device = x.shape[0], weight.rows, weight.dtype, weight.device
-        probe = torch.empty((self.m, self.n), dtype=self.dtype, device=self.device)
+        self.m, self.n = x.shape[0], weight.rows
+        probe = x.new_empty((self.m, self.n))
         # both kept: the plan holds pointers into the weight's compressed buffer and its own workspace
         self.weight, self.plan = weight, weight._plan(x, probe, bucket, algorithm)
 

@@ -472,7 +472,8 @@ class SparseLinear24(nn.Module):
         return route
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bound = self._bound.get((x.shape, x.dtype, x.get_device()))
+        key = (x.shape, x.dtype, x.get_device())
+        bound = self._bound.get(key)
         if bound is not None and not (x.requires_grad and torch.is_grad_enabled()):
             return bound(x)  # an input like one already checked and routed: a decode step's every call
         if x.shape[-1] != self.in_features:
@@ -499,8 +500,9 @@ class SparseLinear24(nn.Module):
             if call is None:
                 return self.run(x2d, path, config=config, algorithm=algorithm).reshape(*lead, self.out_features)
             _remember(self._calls, m, call)
-        _remember(self._bound, (x.shape, x.dtype, x.get_device()), _shaped(call, m, self.in_features, (*lead, self.out_features)))
-        return call(x2d).reshape(*lead, self.out_features)
+        bound = _shaped(call, m, self.in_features, (*lead, self.out_features))
+        _remember(self._bound, key, bound)
+        return bound(x)
 
     def _prepare(self, x2d: torch.Tensor, path: str, config, algorithm):
         """A call bound once for ``x2d``'s token count on its measured path, or None where one does not apply."""

@@ -475,7 +475,7 @@ class PreparedCall:
             raise ValueError(f"unknown 2:4 Triton kernel kind {cfg.kind!r}; choose one of: {', '.join(KERNEL_SHAPES)}")
         n, half = values.shape
         groups = half // 2
-        self.m, self.n, self.dtype, self.device = m, n, values.dtype, values.device
+        self.m, self.n, self.device = m, n, values.device
         gemv = cfg.kind == "gemv"
         bg = cfg.block_k // 4
         steps = _cdiv(_cdiv(groups, cfg.split_k), bg)  # BLOCK_G steps per split
