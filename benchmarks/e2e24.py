@@ -19,9 +19,9 @@ Hugging Face ``generate`` runs). Dense and ours are timed in ``--rounds``
 alternating rounds (the order swaps every round; each reported time is the
 median over rounds): a GPU under load runs at its power limit, at a clock
 that depends on what it ran before, so timing dense fully and then ours gave
-dense a head start (on an H200, dense timed first, straight after the idle
-build, ran at 1598 MHz and ours after it at 1471 MHz; alternating, both held
-1470-1600 MHz). Where NVML can be read, each prefill round records the mean
+dense a head start (on an H200, dense's 4k prefill timed first, straight
+after the idle build, took 95 ms; in alternating rounds 98-103 ms, while
+ours took 75-77 ms either way). Where NVML can be read, each prefill round records the mean
 SM clock, power and temperature beside its time. The
 operations between the linears (norms, rotary, attention, SwiGLU) are
 ``torch.compile``'d for both models (``--glue eager`` to leave them eager).
