@@ -271,3 +271,35 @@ def test_a_bound_input_shape_skips_the_checks_but_not_for_other_inputs():
     assert list(cache) == list(range(3, sparse24.REMEMBERED + 3)), "the oldest entries go first"
     layer.to(torch.float16)
     assert not layer._bound, "a cast drops the bound shapes with the prepared calls"
+
+
+PTX_ENTRY = """
+.visible .entry kernel(
+\t.param .u64 .ptr .global .align 1 kernel_param_0,
+\t.param .u64 .ptr .global .align 1 kernel_param_1,
+\t.param .u32 kernel_param_2,
+\t.param .u32 kernel_param_3,
+\t.param .u64 .ptr .global .align 1 kernel_param_4,
+\t.param .u64 .ptr .global .align 1 kernel_param_5
+)
+.reqntid 128, 1, 1
+{
+\tret;
+}
+"""
+
+
+def test_driver_launch_reads_the_kernels_parameters_from_its_ptx():
+    """The direct launch matches arguments to the compiled kernel's parameters, or declines."""
+    from sparsa.kernels.launch import _reading, entry_params
+
+    types = entry_params(PTX_ENTRY)
+    assert types == ["u64", "u64", "u32", "u32", "u64", "u64"]
+    a, b = torch.empty(1), torch.empty(1)
+    assert _reading((a, b, 7, 9), types) == [0, 1, 2, 3]  # two scratch pointers follow
+    assert _reading((a, b, 7, 1, 9), types) == [0, 1, 2, 4]  # Triton made the integer 1 a constant
+    assert _reading((a, b, 7, 9, 5), types[:4]) is None  # more arguments than parameters
+    assert _reading((a, 7, b, 9), types) is None  # a pointer where an integer is: never guess
+    assert _reading((a, b, 7, 9, 4), types) is None  # an integer where a scratch pointer is
+    assert _reading((a, b, 2**40, 9), types) is None  # an i64 argument against a u32 parameter
+    assert entry_params("not ptx") == []

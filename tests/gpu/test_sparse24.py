@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 
@@ -230,6 +231,49 @@ def test_prepared_calls_take_fresh_inputs():
     with torch.no_grad():
         x = fresh_x(1, k, torch.bfloat16, 7)
         check(layer(x), reference(x, lin.weight, lin.bias), "after .cuda()")
+
+
+@pytest.mark.parametrize("dtype,bias", [(torch.float16, True), (torch.bfloat16, False)])
+def test_driver_launch_equals_tritons_launch(dtype, bias):
+    """A prepared call's later launches go through the CUDA driver: fresh inputs, split-K, both kernels, a CUDA graph."""
+    from sparsa.kernels.launch import DriverLaunch
+    from sparsa.kernels.triton_sparse24 import PreparedCall
+
+    n, k = 1000, 4100
+    lin = make_linear(n, k, dtype, bias, seed=8)
+    c = compress_24(lin.weight)
+    b = lin.bias.detach() if bias else None
+    configs = [(1, TritonConfig("gemv", 32, 256, 1, 4, 4)), (1, TritonConfig("gemv", 32, 256, 4, 4, 4)),
+               (3, TritonConfig("gemv", 64, 128, 2, 4, 3)), (17, default_config(17, n, k)),
+               (64, dataclasses.replace(candidate_configs(64, n, k)[0], split_k=2))]
+    for m, cfg in configs:
+        call = PreparedCall(m, c.values, c.meta, k, b, cfg)
+        with torch.no_grad():
+            for seed in range(3):
+                x = fresh_x(m, k, dtype, 100 * m + seed)
+                out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+                check(call(x, out), reference(x, lin.weight, b), f"call {seed} of {cfg.key()} m={m}")
+            assert call._direct and isinstance(call._driver, DriverLaunch), f"{cfg.key()}: Triton's launcher kept"
+            assert (call._rows is not None) == (call.split == 1), "x and the output alone vary exactly without split-K"
+            bound = call.bind((1, m, n))  # a layer's binding for [1, m, k] inputs: no reshape on the fast path
+            for seed in range(2):
+                x = fresh_x(m, k, dtype, 300 + seed)
+                with nan_filled_allocations():
+                    y = bound(x[None])
+                assert y.shape == (1, m, n)
+                check(y[0], reference(x, lin.weight, b), f"bound call {seed} of {cfg.key()} m={m}")
+            x = fresh_x(m, k, dtype, 7)
+            static = x.clone()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                y = call(static)
+            for seed in range(2):
+                static.copy_(fresh_x(m, k, dtype, 200 + seed))
+                y.fill_(float("nan"))
+                graph.replay()
+                check(y, reference(static, lin.weight, b), f"graph replay {seed} of {cfg.key()} m={m}")
+    torch.cuda.synchronize()
+    assert int(_counters(torch.device("cuda"), 1).abs().sum()) == 0, "split-K counters were not reset"
 
 
 @pytest.mark.skipif(not cusparselt_available(), reason="needs cuSPARSELt")

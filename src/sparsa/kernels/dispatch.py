@@ -15,7 +15,11 @@ timed once on the real device, and the decision is kept in memory and on disk:
   measurement when the layer keeps none).
 
 Timing: CUDA events around each call, the L2 cache flushed before every call
-by *reading* a 128 MiB buffer (see :func:`flush_l2`), warm-up calls for at
+by *reading* a 128 MiB buffer (see :func:`flush_l2`), then the GPU held busy
+for about 0.2 ms (``LEAD_CYCLES``) while the call is issued: the events then
+time the GPU's work even where issuing a small kernel from Python takes the
+CPU longer than the flush takes the GPU, and the GPU is not left idle between
+repetitions. Warm-up calls for at
 least ``WARM_MS`` of GPU time (which also compile Triton kernels and bring
 the clocks up after compilation left the GPU idle), the median of several
 repetitions. Dense is timed before and after the sparse candidates and keeps
@@ -34,7 +38,7 @@ than 16384 tokens use the 16384 decision).
 Cache file: ``<cache_dir>/dispatch-<gpu-name>.json`` (``cache_dir()`` from
 :mod:`sparsa.models.loading`, ``$SPARSA_CACHE`` or ``~/.cache/sparsa``)::
 
-    {"format": 1, "device": "NVIDIA H100 80GB HBM3",
+    {"format": 6, "device": "NVIDIA H100 80GB HBM3",
      "versions": {"torch": "...", "triton": "...", "cusparselt": "..."},
      "entries": {"4096x4096:m16:bfloat16": {
          "times_us": {"dense": 14.1, "triton": 8.9, "cusparselt": 31.0},
@@ -66,9 +70,10 @@ __all__ = ["BUCKETS", "MARGIN", "Plan", "bucket", "cache_path", "choose", "flush
 
 BUCKETS = tuple(1 << i for i in range(15))  # 1 .. 16384
 MARGIN = 0.01
-FORMAT = 5  # 5: the MMA kernel builds dense tiles by byte permutes (older cached decisions are measured again)
+FORMAT = 6  # 6: launch costs kept out of the timings (older cached decisions are measured again)
 FLUSH_BYTES = 128 << 20
 WARM_MS = 5.0
+LEAD_CYCLES = 400_000  # GPU clock cycles of busy-waiting before each timed call: ~0.2 ms at 2 GHz
 TOLERANCE = 2e-2  # relative Frobenius error a sparse path may show against dense (fp16/bf16 rounding)
 SPARSE_PATHS = ("triton", "cusparselt")
 
@@ -253,6 +258,7 @@ def time_us(fn, device: torch.device, reps: int = 10, warmup: int = 3, budget_ms
     start = torch.cuda.Event(enable_timing=True)
     end = torch.cuda.Event(enable_timing=True)
     flush_l2(device)
+    torch.cuda._sleep(LEAD_CYCLES)
     start.record()
     fn()
     end.record()
@@ -268,6 +274,7 @@ def time_us(fn, device: torch.device, reps: int = 10, warmup: int = 3, budget_ms
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
         flush_l2(device)
+        torch.cuda._sleep(LEAD_CYCLES)  # the call is queued before the GPU reaches its start event
         starts[i].record()
         fn()
         ends[i].record()

@@ -276,7 +276,12 @@ def _remember(cache: dict, key, value, size: int = REMEMBERED) -> None:
 
 
 def _shaped(call, m: int, k: int, out_shape: tuple) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``call`` (on ``[m, k]`` rows) for inputs of one shape: flatten, run, give the output its shape."""
+    """``call`` (on ``[m, k]`` rows) for inputs of one shape: flatten, run, give the output its shape.
+
+    A call that knows a faster way for one input shape offers ``bind(out_shape)``.
+    """
+    if hasattr(call, "bind"):
+        return call.bind(out_shape)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(m, k)
@@ -285,6 +290,19 @@ def _shaped(call, m: int, k: int, out_shape: tuple) -> Callable[[torch.Tensor], 
         return call(x2d).view(out_shape)
 
     return forward
+
+
+class _DenseCall:
+    """The dense route: ``F.linear``, which takes any leading shape itself (no reshape around it)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def bind(self, out_shape: tuple) -> "_DenseCall":
+        return self
 
 
 class SparseLinear24(nn.Module):
@@ -524,8 +542,7 @@ class SparseLinear24(nn.Module):
 
             return call
         if path == "dense" and self.dense_weight is not None:
-            weight, bias = self.dense_weight, self.bias
-            return lambda x: F.linear(x, weight, bias)
+            return _DenseCall(self.dense_weight, self.bias)
         return None
 
     def _forget_prepared(self) -> None:

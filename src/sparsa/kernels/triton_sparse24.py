@@ -44,10 +44,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 
 from ._triton import HAVE_TRITON, tl, triton
+from .launch import DriverLaunch
 from .splitk import finish, workspace
 
 __all__ = [
@@ -97,6 +99,8 @@ _PRMT = os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None
 # PreparedCall launches compiled kernels with every argument in signature order, constexprs included: what
 # Triton 3's launchers take (read in 3.6 and 3.9); other versions always go through kernel[grid](...)
 _DIRECT_LAUNCH = HAVE_TRITON and triton.__version__.split(".")[0] == "3"
+# ... and, where the compiled kernel allows, through the CUDA driver itself (SPARSA_DRIVER_LAUNCH=0: never)
+DRIVER_LAUNCH = os.environ.get("SPARSA_DRIVER_LAUNCH", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -465,8 +469,10 @@ class PreparedCall:
     ``x``, the output and a split-K workspace vary, so what is checked before
     a direct launch is ``x``'s row stride, the 16-byte alignment of ``x`` and
     the output, and the current CUDA device (whose context holds the loaded
-    kernel); anything else takes ``kernel[grid](...)``. Inputs are not
-    validated (:func:`sparse24_matmul` does that).
+    kernel); anything else takes ``kernel[grid](...)``. The direct launch goes
+    through the CUDA driver (:class:`~sparsa.kernels.launch.DriverLaunch`)
+    where the compiled kernel allows, else through Triton's launcher.
+    Inputs are not validated (:func:`sparse24_matmul` does that).
     """
 
     def __init__(self, m: int, values: torch.Tensor, meta: torch.Tensor, in_features: int,
@@ -475,7 +481,7 @@ class PreparedCall:
             raise ValueError(f"unknown 2:4 Triton kernel kind {cfg.kind!r}; choose one of: {', '.join(KERNEL_SHAPES)}")
         n, half = values.shape
         groups = half // 2
-        self.m, self.n, self.device = m, n, values.device
+        self.m, self.n, self.in_features, self.device = m, n, in_features, values.device
         gemv = cfg.kind == "gemv"
         bg = cfg.block_k // 4
         steps = _cdiv(_cdiv(groups, cfg.split_k), bg)  # BLOCK_G steps per split
@@ -499,10 +505,17 @@ class PreparedCall:
             self.constexprs = dict(HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_M=block_m_for(m), BLOCK_G=bg,
                                    NUM_STAGES=cfg.num_stages, EVEN=even, PRMT=_PRMT)
         self.options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        # the arguments that change between calls: x, the output (also in the bias slot when there is no
+        # bias) and a split-K workspace; the others stay as built
+        self._varying = [[0], [3, 4] if bias is None else [4]] + ([[5], [6]] if self.split > 1 else [])
         # after the first call: the compiled kernel's launcher, and what it was specialised and loaded for
         # (x's row stride in int64 words; the current CUDA device, whose context holds the loaded kernel);
         # False once a launcher refused its arguments, or where Triton's launcher is not known
         self._direct: tuple | bool | None = None if _DIRECT_LAUNCH else False
+        # the driver launch, once made; _rows: the same, where x and the output alone vary (no split-K) and the
+        # kernel was compiled for x's rows back to back, so that bind's fast path may take it
+        self._driver: DriverLaunch | None = None
+        self._rows: DriverLaunch | None = None
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if out is None:
@@ -517,11 +530,44 @@ class PreparedCall:
         direct = self._direct
         if direct and aligned and direct[1:] == (xq.stride(0), torch.cuda.current_device()):
             try:
-                direct[0](*args, *self.constexprs.values())
+                direct[0](args)
                 return out
-            except TypeError:  # a Triton whose launcher takes other arguments: bind them on every call
+            except (TypeError, RuntimeError):  # a launcher that takes other arguments: bind them on every call
                 self._direct = direct = False
+                self._driver = self._rows = None
         compiled = self.kernel[self.grid](*args, **self.constexprs, **self.options)
         if direct is None and aligned and hasattr(compiled, "__getitem__"):
-            self._direct = (compiled[self.grid], xq.stride(0), torch.cuda.current_device())
+            self._direct = (self._launcher(compiled, args), xq.stride(0), torch.cuda.current_device())
         return out
+
+    def bind(self, out_shape: tuple) -> Callable[[torch.Tensor], torch.Tensor]:
+        """This call for inputs ``[..., K]`` of one shape holding its ``m`` rows: the output comes in ``out_shape``.
+
+        Once the kernel is launched through the driver, a contiguous, aligned
+        input costs an allocation and one launch: no reshape, view or check
+        beyond those the driver launch relies on.
+        """
+        m, k = self.m, self.in_features
+
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            rows = self._rows
+            if rows and x.is_contiguous() and not x.data_ptr() % 16 and rows.device == torch.cuda.current_device():
+                out = x.new_empty(out_shape)
+                rows(x.data_ptr(), out.data_ptr())
+                return out
+            x2d = x.reshape(m, k)
+            return self(x2d if x2d.stride(1) == 1 else x2d.contiguous()).view(out_shape)
+
+        return forward
+
+    def _launcher(self, compiled, args: tuple):
+        """How later calls launch ``compiled``: through the driver if it can, else Triton's launcher, all arguments in order."""
+        launch = DriverLaunch.build(compiled, self.grid, args, self._varying) if DRIVER_LAUNCH else None
+        if launch is not None:
+            self._driver = launch
+            if self.split == 1 and args[0].stride(0) * 4 == self.in_features:
+                self._rows = launch
+            varying = [indices[0] for indices in self._varying]
+            return lambda args: launch(*[args[i].data_ptr() for i in varying])
+        runner, constexprs = compiled[self.grid], tuple(self.constexprs.values())
+        return lambda args: runner(*args, *constexprs)

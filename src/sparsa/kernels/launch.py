@@ -1,0 +1,132 @@
+"""Launch a compiled Triton kernel straight through the CUDA driver, its arguments packed once.
+
+Triton's own launch from Python costs several microseconds per call: a
+Python runner fetches the device and stream and builds launch metadata,
+then a C launcher converts every argument, asking each tensor for its
+pointer and the driver whether that pointer is valid. In an eager decode
+step a 2:4 layer is launched hundreds of times and that cost exceeds the
+GPU time it saves (issue 5). A :class:`DriverLaunch` keeps one C array of
+the kernel's parameters and, per call, writes the tensors' pointers into
+it and makes a single ``cuLaunchKernel`` call through ctypes.
+
+Which arguments reach the kernel is read from the compiled PTX, not from
+Triton's internals, which change between versions: the ``.entry``
+parameter list gives each parameter's width. Triton drops ``constexpr``
+arguments (the caller leaves them out) and may specialise integers equal to
+1 into constants; it appends scratch pointers after the arguments. A
+launch is built only when one reading of the arguments matches the PTX
+exactly and the kernel needs no scratch memory; otherwise :meth:`build`
+returns None and the caller keeps Triton's launcher.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+
+import torch
+
+__all__ = ["DriverLaunch", "entry_params"]
+
+_CUDA: ctypes.CDLL | None = None
+
+
+def _driver() -> ctypes.CDLL:
+    global _CUDA
+    if _CUDA is None:
+        lib = ctypes.CDLL("libcuda.so.1")
+        p, u32 = ctypes.c_void_p, ctypes.c_uint
+        lib.cuLaunchKernel.argtypes = [p, u32, u32, u32, u32, u32, u32, u32, p, p, p]
+        lib.cuLaunchKernel.restype = ctypes.c_int
+        _CUDA = lib
+    return _CUDA
+
+
+def entry_params(ptx: str) -> list[str]:
+    """The PTX types (``u64``, ``u32``, ...) of the first ``.entry``'s parameters, in order."""
+    entry = re.search(r"\.entry\s+[\w$]+\s*\((.*?)\)", ptx, re.S)
+    if entry is None:
+        return []
+    return re.findall(r"\.param\s+\.(\w+)", entry.group(1))
+
+
+def _ptx_type(arg) -> str | None:
+    if isinstance(arg, torch.Tensor):
+        return "u64"
+    if isinstance(arg, bool) or not isinstance(arg, int):
+        return None
+    return "u32" if -(2**31) <= arg < 2**31 else "u64"  # Triton's i32 and i64 (both read as raw bits)
+
+
+def _reading(args: tuple, types: list[str]) -> list[int] | None:
+    """Indices of ``args`` that are the kernel's parameters: all of them, or all but the integers equal to 1."""
+    for drop_ones in (False, True):
+        kept = [i for i, a in enumerate(args) if not (drop_ones and _ptx_type(a) == "u32" and a == 1)]
+        wanted = [_ptx_type(args[i]) for i in kept]
+        extra = types[len(kept):]
+        if None not in wanted and types[:len(kept)] == wanted and len(extra) <= 2 and set(extra) <= {"u64"}:
+            return kept
+    return None
+
+
+class DriverLaunch:
+    """One compiled kernel at one grid, launched by ``cuLaunchKernel`` with most arguments written once.
+
+    ``varying`` names the tensors that change between calls, as lists of
+    argument indices: a call passes one pointer per list, written into each
+    of its arguments (one output may fill two). Every other argument is
+    fixed at build: the caller keeps those tensors alive and unchanged. The
+    launch goes to the current CUDA stream, so CUDA graphs capture it like
+    any other.
+    """
+
+    def __init__(self, function: int, grid: tuple[int, int, int], threads: int, shared: int,
+                 args: tuple, kept: list[int], extra: int, varying: list[list[int]], device: int) -> None:
+        self.device = device
+        self._launch = _driver().cuLaunchKernel
+        self._head = (ctypes.c_void_p(function), *grid, threads, 1, 1, shared)
+        slot_of = {}
+        for i in kept:
+            a = args[i]
+            if isinstance(a, torch.Tensor):
+                slot_of[i] = ctypes.c_uint64(a.data_ptr())
+            elif _ptx_type(a) == "u64":
+                slot_of[i] = ctypes.c_uint64(a & 0xFFFFFFFFFFFFFFFF)
+            else:
+                slot_of[i] = ctypes.c_uint32(a & 0xFFFFFFFF)
+        # scratch pointers: none is needed (checked in build)
+        self._slots = [slot_of[i] for i in kept] + [ctypes.c_uint64(0) for _ in range(extra)]
+        self._params = (ctypes.c_void_p * len(self._slots))(*[ctypes.addressof(s) for s in self._slots])
+        self._varying = [[slot_of[i] for i in indices] for indices in varying]
+
+    @classmethod
+    def build(cls, compiled, grid: tuple[int, int, int], args: tuple, varying: list[list[int]]) -> "DriverLaunch | None":
+        """A driver launch of Triton's ``compiled`` kernel for ``args`` (its non-constexpr arguments), or None."""
+        meta = compiled.metadata
+        if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
+            return None
+        if getattr(meta, "num_ctas", 1) != 1 or getattr(meta, "launch_cooperative_grid", False) \
+                or getattr(meta, "launch_pdl", False):
+            return None
+        asm = getattr(compiled, "asm", {})
+        types = entry_params(asm.get("ptx", "")) if isinstance(asm, dict) else []
+        kept = _reading(args, types)
+        if kept is None or not all(i in kept and isinstance(args[i], torch.Tensor) for v in varying for i in v):
+            return None
+        try:
+            compiled._init_handles()
+            function = int(compiled.function)
+            _driver()
+        except (AttributeError, OSError, TypeError):
+            return None
+        return cls(function, grid, 32 * meta.num_warps, meta.shared, args, kept, len(types) - len(kept), varying,
+                   torch.cuda.current_device())
+
+    def __call__(self, *pointers: int) -> None:
+        """Launch with these pointers for the ``varying`` tensors, in order."""
+        for slots, pointer in zip(self._varying, pointers):
+            for slot in slots:
+                slot.value = pointer
+        status = self._launch(*self._head, torch._C._cuda_getCurrentRawStream(self.device), self._params, None)
+        if status:
+            raise RuntimeError(f"cuLaunchKernel failed with CUDA error {status}")
