@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import re
+import threading
 
 import torch
 
@@ -98,6 +99,9 @@ class DriverLaunch:
         self._slots = [slot_of[i] for i in kept] + [ctypes.c_uint64(0) for _ in range(extra)]
         self._params = (ctypes.c_void_p * len(self._slots))(*[ctypes.addressof(s) for s in self._slots])
         self._varying = [[slot_of[i] for i in indices] for indices in varying]
+        # ctypes lets go of the GIL during the launch: without the lock, another thread's pointers could be
+        # written into the slots while the driver reads them
+        self._lock = threading.Lock()
 
     @classmethod
     def build(cls, compiled, grid: tuple[int, int, int], args: tuple, varying: list[list[int]]) -> "DriverLaunch | None":
@@ -124,9 +128,10 @@ class DriverLaunch:
 
     def __call__(self, *pointers: int) -> None:
         """Launch with these pointers for the ``varying`` tensors, in order."""
-        for slots, pointer in zip(self._varying, pointers):
-            for slot in slots:
-                slot.value = pointer
-        status = self._launch(*self._head, torch._C._cuda_getCurrentRawStream(self.device), self._params, None)
+        with self._lock:
+            for slots, pointer in zip(self._varying, pointers):
+                for slot in slots:
+                    slot.value = pointer
+            status = self._launch(*self._head, torch._C._cuda_getCurrentRawStream(self.device), self._params, None)
         if status:
             raise RuntimeError(f"cuLaunchKernel failed with CUDA error {status}")
