@@ -296,10 +296,38 @@ def test_driver_launch_reads_the_kernels_parameters_from_its_ptx():
     types = entry_params(PTX_ENTRY)
     assert types == ["u64", "u64", "u32", "u32", "u64", "u64"]
     a, b = torch.empty(1), torch.empty(1)
-    assert _reading((a, b, 7, 9), types) == [0, 1, 2, 3]  # two scratch pointers follow
-    assert _reading((a, b, 7, 1, 9), types) == [0, 1, 2, 4]  # Triton made the integer 1 a constant
-    assert _reading((a, b, 7, 9, 5), types[:4]) is None  # more arguments than parameters
-    assert _reading((a, 7, b, 9), types) is None  # a pointer where an integer is: never guess
-    assert _reading((a, b, 7, 9, 4), types) is None  # an integer where a scratch pointer is
-    assert _reading((a, b, 2**40, 9), types) is None  # an i64 argument against a u32 parameter
+    assert _reading((a, b, 7, 9), types, scratch=2) == [0, 1, 2, 3]  # two scratch pointers follow
+    assert _reading((a, b, 7, 1, 9), types, scratch=2) == [0, 1, 2, 4]  # Triton made the integer 1 a constant
+    assert _reading((a, b, 7, 9), types, scratch=1) is None  # one scratch pointer too many
+    assert _reading((a, b, 7, 9, 5), types[:4], scratch=0) is None  # more arguments than parameters
+    assert _reading((a, 7, b, 9), types, scratch=2) is None  # a pointer where an integer is: never guess
+    assert _reading((a, b, 7, 9, 4), types, scratch=1) is None  # an integer where a pointer is
+    assert _reading((a, b, 2**40, 9), types, scratch=2) is None  # an i64 argument against a u32 parameter
     assert entry_params("not ptx") == []
+
+
+@pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")
+def test_driver_launch_reads_the_2_4_gemv_as_this_triton_compiles_it():
+    """The GEMV compiled for a Hopper GPU (no GPU needed): its PTX parameters are the arguments PreparedCall passes."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sparsa.kernels.launch import _SCRATCH, _reading, entry_params
+    from sparsa.kernels.triton_sparse24 import _sparse24_gemv_kernel as kernel
+
+    pointers = {"xq_ptr": "*i64", "pairs_ptr": "*i32", "words_ptr": "*i32", "bias_ptr": "*bf16", "y_ptr": "*bf16",
+                "ws_ptr": "*fp32", "count_ptr": "*i32"}
+    constexprs = dict(HAS_BIAS=False, BLOCK_N=16, BLOCK_G=128, NUM_STAGES=3, EVEN=True, SUM_AT_ONCE=0, PRMT=True)
+    names = kernel.arg_names
+    signature = {n: pointers.get(n, "constexpr" if n in constexprs else "i32") for n in names}
+    source = ASTSource(kernel, signature, {(names.index(n),): v for n, v in constexprs.items()})
+    try:
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, num_stages=3))
+    except Exception as exc:  # noqa: BLE001 - no PTX toolchain here
+        pytest.skip(f"Triton could not compile for sm_90 here: {exc}")
+    t = torch.empty(1)
+    # m = 1 token, n = 4096, k = 4096 (1024 groups), strides, split 1, 8 steps
+    args = (t, t, t, t, t, t, t, 1, 4096, 1024, 1024, 1024, 1024, 128, 4096, 1, 8)
+    scratch = sum(hasattr(compiled.metadata, size) for size in _SCRATCH)
+    assert _reading(args, entry_params(compiled.asm["ptx"]), scratch) == list(range(len(args)))

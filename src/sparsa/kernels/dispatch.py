@@ -19,7 +19,8 @@ by *reading* a 128 MiB buffer (see :func:`flush_l2`), then the GPU held busy
 for about 0.2 ms (``LEAD_CYCLES``) while the call is issued: the events then
 time the GPU's work even where issuing a small kernel from Python takes the
 CPU longer than the flush takes the GPU, and the GPU is not left idle between
-repetitions. Warm-up calls for at
+repetitions. The decision is therefore the GPU's: what a call costs the CPU
+(which bounds eager decoding without CUDA graphs) is not in it. Warm-up calls for at
 least ``WARM_MS`` of GPU time (which also compile Triton kernels and bring
 the clocks up after compilation left the GPU idle), the median of several
 repetitions. Dense is timed before and after the sparse candidates and keeps
@@ -248,10 +249,15 @@ def flush_l2(device: torch.device) -> None:
 
 
 def time_us(fn, device: torch.device, reps: int = 10, warmup: int = 3, budget_ms: float | None = None) -> float:
-    """Median GPU time of ``fn()`` in microseconds, L2 flushed before each call.
+    """Median GPU time of ``fn()`` on ``device`` in microseconds, L2 flushed before each call.
 
     ``budget_ms``: instead of ``reps``, as many repetitions as fit in that much GPU time (5 to 200).
     """
+    with torch.cuda.device(device):  # the events and the busy-wait go to the current device's stream
+        return _time_us(fn, device, reps, warmup, budget_ms)
+
+
+def _time_us(fn, device: torch.device, reps: int, warmup: int, budget_ms: float | None) -> float:
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize(device)

@@ -13,10 +13,17 @@ Which arguments reach the kernel is read from the compiled PTX, not from
 Triton's internals, which change between versions: the ``.entry``
 parameter list gives each parameter's width. Triton drops ``constexpr``
 arguments (the caller leaves them out) and may specialise integers equal to
-1 into constants; it appends scratch pointers after the arguments. A
-launch is built only when one reading of the arguments matches the PTX
-exactly and the kernel needs no scratch memory; otherwise :meth:`build`
-returns None and the caller keeps Triton's launcher.
+1 into constants; it appends one scratch pointer per scratch buffer its
+metadata names. A launch is built only when one reading of the arguments
+matches the PTX exactly, the kernel needs no scratch memory and no Triton
+launch hook is set when it is built; otherwise :meth:`DriverLaunch.build` returns None and
+the caller keeps Triton's launcher.
+
+What the driver launch leaves out: Triton's launch hooks (profilers such as
+Proton see no launch made this way, hence none is made while a hook is set)
+and its check that every pointer is a device pointer. A caller passing a
+host pointer gets an asynchronous illegal-address fault instead of a Python
+error, so callers must check devices first (``SparseLinear24`` does).
 """
 
 from __future__ import annotations
@@ -27,9 +34,14 @@ import threading
 
 import torch
 
-__all__ = ["DriverLaunch", "entry_params"]
+__all__ = ["DriverLaunch", "LaunchError", "entry_params"]
 
 _CUDA: ctypes.CDLL | None = None
+_SCRATCH = ("global_scratch_size", "profile_scratch_size")  # Triton's scratch buffers, one pointer each
+
+
+class LaunchError(RuntimeError):
+    """``cuLaunchKernel`` returned an error."""
 
 
 def _driver() -> ctypes.CDLL:
@@ -59,13 +71,15 @@ def _ptx_type(arg) -> str | None:
     return "u32" if -(2**31) <= arg < 2**31 else "u64"  # Triton's i32 and i64 (both read as raw bits)
 
 
-def _reading(args: tuple, types: list[str]) -> list[int] | None:
-    """Indices of ``args`` that are the kernel's parameters: all of them, or all but the integers equal to 1."""
+def _reading(args: tuple, types: list[str], scratch: int) -> list[int] | None:
+    """Indices of ``args`` that are the kernel's parameters: all of them, or all but the integers equal to 1.
+
+    ``types`` must be exactly those parameters followed by ``scratch`` pointers.
+    """
     for drop_ones in (False, True):
         kept = [i for i, a in enumerate(args) if not (drop_ones and _ptx_type(a) == "u32" and a == 1)]
-        wanted = [_ptx_type(args[i]) for i in kept]
-        extra = types[len(kept):]
-        if None not in wanted and types[:len(kept)] == wanted and len(extra) <= 2 and set(extra) <= {"u64"}:
+        wanted = [_ptx_type(args[i]) for i in kept] + ["u64"] * scratch
+        if None not in wanted and types == wanted:
             return kept
     return None
 
@@ -99,22 +113,22 @@ class DriverLaunch:
         self._slots = [slot_of[i] for i in kept] + [ctypes.c_uint64(0) for _ in range(extra)]
         self._params = (ctypes.c_void_p * len(self._slots))(*[ctypes.addressof(s) for s in self._slots])
         self._varying = [[slot_of[i] for i in indices] for indices in varying]
-        # ctypes lets go of the GIL during the launch: without the lock, another thread's pointers could be
-        # written into the slots while the driver reads them
+        # writing the slots and launching must be one step: another thread could otherwise write its pointers
+        # in between (Python may switch threads there, and ctypes lets go of the GIL during the call)
         self._lock = threading.Lock()
 
     @classmethod
     def build(cls, compiled, grid: tuple[int, int, int], args: tuple, varying: list[list[int]]) -> "DriverLaunch | None":
         """A driver launch of Triton's ``compiled`` kernel for ``args`` (its non-constexpr arguments), or None."""
         meta = compiled.metadata
-        if getattr(meta, "global_scratch_size", 0) or getattr(meta, "profile_scratch_size", 0):
+        if any(getattr(meta, size, 0) for size in _SCRATCH) or _launch_hooks():
             return None
         if getattr(meta, "num_ctas", 1) != 1 or getattr(meta, "launch_cooperative_grid", False) \
                 or getattr(meta, "launch_pdl", False):
             return None
         asm = getattr(compiled, "asm", {})
         types = entry_params(asm.get("ptx", "")) if isinstance(asm, dict) else []
-        kept = _reading(args, types)
+        kept = _reading(args, types, sum(hasattr(meta, size) for size in _SCRATCH))
         if kept is None or not all(i in kept and isinstance(args[i], torch.Tensor) for v in varying for i in v):
             return None
         try:
@@ -129,9 +143,21 @@ class DriverLaunch:
     def __call__(self, *pointers: int) -> None:
         """Launch with these pointers for the ``varying`` tensors, in order."""
         with self._lock:
-            for slots, pointer in zip(self._varying, pointers):
+            for slots, pointer in zip(self._varying, pointers, strict=True):
                 for slot in slots:
                     slot.value = pointer
             status = self._launch(*self._head, torch._C._cuda_getCurrentRawStream(self.device), self._params, None)
         if status:
-            raise RuntimeError(f"cuLaunchKernel failed with CUDA error {status}")
+            raise LaunchError(f"cuLaunchKernel failed with CUDA error {status}")
+
+
+def _launch_hooks() -> bool:
+    """Whether a Triton launch hook is set (a profiler listening), which a driver launch would not call."""
+    try:
+        from triton import knobs
+
+        hooks = (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook)
+    except (ImportError, AttributeError):
+        return True  # a Triton without these knobs: keep its own launcher
+    # a hook is None or a callable, or (newer Triton) a chain of callables, set when not empty
+    return any(h is not None and bool(getattr(h, "calls", True)) for h in hooks)

@@ -49,7 +49,7 @@ from typing import Callable
 import torch
 
 from ._triton import HAVE_TRITON, tl, triton
-from .launch import DriverLaunch
+from .launch import DriverLaunch, LaunchError
 from .splitk import finish, workspace
 
 __all__ = [
@@ -532,9 +532,9 @@ class PreparedCall:
             try:
                 direct[0](args)
                 return out
-            except (TypeError, RuntimeError):  # a launcher that takes other arguments: bind them on every call
-                self._direct = direct = False
-                self._driver = self._rows = None
+            except (TypeError, LaunchError):  # a launcher that takes other arguments, or the driver refused
+                self._give_up_direct()
+                direct = False
         compiled = self.kernel[self.grid](*args, **self.constexprs, **self.options)
         if direct is None and aligned and hasattr(compiled, "__getitem__"):
             self._direct = (self._launcher(compiled, args), xq.stride(0), torch.cuda.current_device())
@@ -543,9 +543,11 @@ class PreparedCall:
     def bind(self, out_shape: tuple) -> Callable[[torch.Tensor], torch.Tensor]:
         """This call for inputs ``[..., K]`` of one shape holding its ``m`` rows: the output comes in ``out_shape``.
 
-        Once the kernel is launched through the driver, a contiguous, aligned
-        input costs an allocation and one launch: no reshape, view or check
-        beyond those the driver launch relies on.
+        Once the kernel is launched through the driver, a contiguous input
+        on a 16-byte boundary costs an allocation and one launch, with no
+        reshape or view. (The output needs that alignment too: torch's
+        allocator gives at least 512 bytes.) The caller has checked the
+        input's dtype and device, as a layer's binding does.
         """
         m, k = self.m, self.in_features
 
@@ -553,12 +555,20 @@ class PreparedCall:
             rows = self._rows
             if rows and x.is_contiguous() and not x.data_ptr() % 16 and rows.device == torch.cuda.current_device():
                 out = x.new_empty(out_shape)
-                rows(x.data_ptr(), out.data_ptr())
-                return out
+                try:
+                    rows(x.data_ptr(), out.data_ptr())
+                    return out
+                except LaunchError:
+                    self._give_up_direct()
             x2d = x.reshape(m, k)
             return self(x2d if x2d.stride(1) == 1 else x2d.contiguous()).view(out_shape)
 
         return forward
+
+    def _give_up_direct(self) -> None:
+        """Launch through ``kernel[grid](...)`` from now on (which raises if the CUDA context itself is broken)."""
+        self._direct = False
+        self._driver = self._rows = None
 
     def _launcher(self, compiled, args: tuple):
         """How later calls launch ``compiled``: through the driver if it can, else Triton's launcher, all arguments in order."""
