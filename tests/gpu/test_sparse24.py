@@ -255,7 +255,11 @@ def test_driver_launch_equals_tritons_launch(dtype, bias):
                 check(call(x, out), reference(x, lin.weight, b), f"call {seed} of {cfg.key()} m={m}")
             assert call._direct and isinstance(call._driver, DriverLaunch), f"{cfg.key()}: Triton's launcher kept"
             assert (call._rows is not None) == (call.split == 1), "x and the output alone vary exactly without split-K"
-            bound = call.bind((1, m, n))  # a layer's binding for [1, m, k] inputs: no reshape on the fast path
+            def rows(x):  # the layer's reshape around the call, for what the fast path does not take
+                assert call.split > 1, "a contiguous input left the fast path"
+                return call(x.reshape(m, k)).view(1, m, n)
+
+            bound = call.bind((1, m, n), rows)  # a layer's binding for [1, m, k] inputs: no reshape on the fast path
             for seed in range(2):
                 x = fresh_x(m, k, dtype, 300 + seed)
                 with nan_filled_allocations():

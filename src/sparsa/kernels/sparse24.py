@@ -278,10 +278,9 @@ def _remember(cache: dict, key, value, size: int = REMEMBERED) -> None:
 def _shaped(call, m: int, k: int, out_shape: tuple) -> Callable[[torch.Tensor], torch.Tensor]:
     """``call`` (on ``[m, k]`` rows) for inputs of one shape: flatten, run, give the output its shape.
 
-    A call that knows a faster way for one input shape offers ``bind(out_shape)``.
+    A call that knows a faster way for one input shape offers ``bind(out_shape, rows)``, ``rows`` being
+    this flatten-and-run for the inputs its way does not take.
     """
-    if hasattr(call, "bind"):
-        return call.bind(out_shape)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(m, k)
@@ -289,7 +288,8 @@ def _shaped(call, m: int, k: int, out_shape: tuple) -> Callable[[torch.Tensor], 
             x2d = x2d.contiguous()
         return call(x2d).view(out_shape)
 
-    return forward
+    bind = getattr(call, "bind", None)
+    return forward if bind is None else bind(out_shape, forward)
 
 
 class _DenseCall:
@@ -301,7 +301,7 @@ class _DenseCall:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def bind(self, out_shape: tuple) -> "_DenseCall":
+    def bind(self, out_shape: tuple, rows) -> "_DenseCall":
         return self
 
 

@@ -540,28 +540,27 @@ class PreparedCall:
             self._direct = (self._launcher(compiled, args), xq.stride(0), torch.cuda.current_device())
         return out
 
-    def bind(self, out_shape: tuple) -> Callable[[torch.Tensor], torch.Tensor]:
+    def bind(self, out_shape: tuple, rows: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
         """This call for inputs ``[..., K]`` of one shape holding its ``m`` rows: the output comes in ``out_shape``.
 
         Once the kernel is launched through the driver, a contiguous input
         on a 16-byte boundary costs an allocation and one launch, with no
         reshape or view. (The output needs that alignment too: torch's
-        allocator gives at least 512 bytes.) The caller has checked the
+        allocator gives at least 512 bytes.) Other inputs take ``rows``, the
+        caller's reshape around this call. The caller has checked the
         input's dtype and device, as a layer's binding does.
         """
-        m, k = self.m, self.in_features
 
         def forward(x: torch.Tensor) -> torch.Tensor:
-            rows = self._rows
-            if rows and x.is_contiguous() and not x.data_ptr() % 16 and rows.device == torch.cuda.current_device():
+            launch = self._rows
+            if launch and x.is_contiguous() and not x.data_ptr() % 16 and launch.device == torch.cuda.current_device():
                 out = x.new_empty(out_shape)
                 try:
-                    rows(x.data_ptr(), out.data_ptr())
+                    launch(x.data_ptr(), out.data_ptr())
                     return out
                 except LaunchError:
                     self._give_up_direct()
-            x2d = x.reshape(m, k)
-            return self(x2d if x2d.stride(1) == 1 else x2d.contiguous()).view(out_shape)
+            return rows(x)
 
         return forward
 
