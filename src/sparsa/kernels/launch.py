@@ -131,14 +131,17 @@ class DriverLaunch:
         kept = _reading(args, types, sum(hasattr(meta, size) for size in _SCRATCH))
         if kept is None or not all(i in kept and isinstance(args[i], torch.Tensor) for v in varying for i in v):
             return None
+        # the function handle belongs to the current device's context: tensors elsewhere keep Triton's launcher
+        device = torch.cuda.current_device()
+        if any(a.device != torch.device("cuda", device) for a in args if isinstance(a, torch.Tensor)):
+            return None
         try:
             compiled._init_handles()
             function = int(compiled.function)
             _driver()
         except (AttributeError, OSError, TypeError):
             return None
-        return cls(function, grid, 32 * meta.num_warps, meta.shared, args, kept, len(types) - len(kept), varying,
-                   torch.cuda.current_device())
+        return cls(function, grid, 32 * meta.num_warps, meta.shared, args, kept, len(types) - len(kept), varying, device)
 
     def __call__(self, *pointers: int) -> None:
         """Launch with these pointers for the ``varying`` tensors, in order."""
