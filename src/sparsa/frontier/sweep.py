@@ -18,6 +18,7 @@ import datetime as _dt
 import json
 import math
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -97,7 +98,6 @@ def latest(records: Iterable[dict]) -> dict[str, dict]:
 # -- one configuration ---------------------------------------------------------------------
 
 _BASE: dict = {}  # (source, device, dtype) -> LoadedModel, loaded once per process
-_DENSE_SPEED: dict = {}
 
 
 def base_model(source: str | None, device: str = "cpu", dtype: str = "auto"):
@@ -155,46 +155,89 @@ def _speed_mode(settings: Settings, model) -> str:
     return "measured"
 
 
-def _measure(model, settings: Settings) -> dict:
-    """Prefill ms at ``prefill_tokens`` (CUDA-event median) and decode tokens/s at ``decode_context``."""
-    import torch
+MEASURE_ROUNDS = 6  # dense and the configuration, timed in alternation (an even count: each goes first as often)
 
-    from ..benchmarking import cuda_median_ms
+
+def _inputs(model, settings: Settings):
+    import torch
 
     device = next(model.parameters()).device
     vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (1, settings.prefill_tokens), generator=gen).to(device)
     ctx = torch.randint(0, vocab, (1, settings.decode_context), generator=gen).to(device)
-
-    def decode_rate() -> float:
-        out = model(input_ids=ctx, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(settings.decode_tokens):
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        end.record()
-        torch.cuda.synchronize()
-        return settings.decode_tokens / (start.elapsed_time(end) / 1000.0)
-
-    with torch.inference_mode():
-        prefill_ms = cuda_median_ms(lambda: model(input_ids=ids, use_cache=False), reps=5, warmup=2)
-        decode_rate()  # warm-up: first calls pay for kernel selection and caches
-        rates = sorted(decode_rate() for _ in range(3))
-    return {"prefill_ms": prefill_ms, "decode_tok_s": rates[1]}
+    return ids, ctx
 
 
-def _measured_speed(base, model, settings: Settings, weights_24: bool) -> dict:
-    """Measured speedups over the dense model (timed once per process); ``model is base.model`` for dense itself."""
+def _one_round(model, settings: Settings, ids, ctx) -> tuple[float, float]:
+    """Prefill ms at ``prefill_tokens`` (CUDA-event median of 3) and decode tokens/s over ``decode_tokens`` steps."""
     import torch
 
-    key = (id(base.model), settings.prefill_tokens, settings.decode_context, settings.decode_tokens)
-    if key not in _DENSE_SPEED:
-        _DENSE_SPEED[key] = _measure(base.model, settings)
-    dense, notes = _DENSE_SPEED[key], []
+    from ..benchmarking import cuda_median_ms
+
+    prefill_ms = cuda_median_ms(lambda: model(input_ids=ids, use_cache=False), reps=3, warmup=0)
+    out = model(input_ids=ctx, use_cache=True)
+    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(settings.decode_tokens):
+        out = model(input_ids=token, past_key_values=past, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    end.record()
+    torch.cuda.synchronize()
+    return prefill_ms, settings.decode_tokens / (start.elapsed_time(end) / 1000.0)
+
+
+def _measure(dense, model, settings: Settings) -> dict:
+    """Speedups of ``model`` over ``dense``, timed in alternation for ``MEASURE_ROUNDS`` rounds.
+
+    Each speedup is the median of the per-round ratios, so a drift in clocks
+    or in the host's load (eager decoding of a small model is bound by the
+    CPU that issues the kernels) moves both sides of a ratio alike, and the
+    two swap places every round, since whichever runs second can find the
+    host warmer. ``*_range`` gives the smallest and largest ratio of the rounds.
+    """
+    import torch
+
+    ids, ctx = _inputs(dense, settings)
+    models = (dense, model) if model is not dense else (dense,)
+    with torch.inference_mode():
+        for m in models:  # warm-up: first calls pay for kernel selection, compilation and caches
+            _one_round(m, settings, ids, ctx)
+        rounds = []
+        for i in range(MEASURE_ROUNDS):
+            order = models if i % 2 == 0 else models[::-1]
+            timed = {id(m): _one_round(m, settings, ids, ctx) for m in order}
+            rounds.append([timed[id(m)] for m in models])
+    d_pre, d_dec = (statistics.median(r[0][i] for r in rounds) for i in (0, 1))
+    if model is dense:
+        return {"prefill_speedup": 1.0, "decode_speedup": 1.0, "prefill_ms": d_pre, "decode_tok_s": d_dec,
+                "dense_prefill_ms": d_pre, "dense_decode_tok_s": d_dec}
+    pre = [r[0][0] / r[1][0] for r in rounds]
+    dec = [r[1][1] / r[0][1] for r in rounds]
+    return {
+        "prefill_speedup": statistics.median(pre), "decode_speedup": statistics.median(dec),
+        "prefill_speedup_range": [min(pre), max(pre)], "decode_speedup_range": [min(dec), max(dec)],
+        "prefill_ms": statistics.median(r[1][0] for r in rounds), "decode_tok_s": statistics.median(r[1][1] for r in rounds),
+        "dense_prefill_ms": d_pre, "dense_decode_tok_s": d_dec,
+    }
+
+
+def _measured_speed(base, model, settings: Settings, weights_24: bool, activations=None) -> dict:
+    """Measured speedups over the dense model (``model is base.model`` for dense itself).
+
+    The sparse model is timed on its kernels: the activation-sparse GEMV for
+    the layers whose input ``activations`` cuts, then the 2:4 kernels for the
+    other 2:4 layers (a layer runs one of the two; they do not combine).
+    """
+    import torch
+
+    notes = []
+    if activations is not None:
+        from ..activations.kernel import use_kernels
+
+        notes.append(f"activation sparse GEMV: {len(use_kernels(model, activations))} layers")
     if weights_24:
         try:
             from ..kernels import accelerate
@@ -203,13 +246,8 @@ def _measured_speed(base, model, settings: Settings, weights_24: bool) -> dict:
             notes.append(f"2:4 kernels: {len(report.get('replaced', []))} layers replaced" + (f" ({report['reason']})" if report.get("reason") else ""))
         except Exception as e:  # noqa: BLE001 - measured as it is, and said
             notes.append(f"2:4 kernels not used: {type(e).__name__}: {e}"[:200])
-    ours = dense if model is base.model else _measure(model, settings)
-    return {
-        "kind": "measured", "device": torch.cuda.get_device_name(),
-        "prefill_speedup": dense["prefill_ms"] / ours["prefill_ms"], "decode_speedup": ours["decode_tok_s"] / dense["decode_tok_s"],
-        "prefill_ms": ours["prefill_ms"], "decode_tok_s": ours["decode_tok_s"],
-        "dense_prefill_ms": dense["prefill_ms"], "dense_decode_tok_s": dense["decode_tok_s"], "notes": notes,
-    }
+    return {"kind": "measured", "device": torch.cuda.get_device_name(), **_measure(base.model, model, settings),
+            "rounds": MEASURE_ROUNDS, "notes": notes}
 
 
 def _apply(lm, config: Config, settings: Settings):
@@ -281,7 +319,7 @@ def evaluate_config(config: Config, settings: Settings, *, source: str | None = 
 
         if _speed_mode(settings, lm.model) == "measured":
             timed = base.model if config.is_dense else lm.model
-            record["speed"] = _measured_speed(base, timed, settings, bool(config.weights and config.weights.pattern == "2:4"))
+            record["speed"] = _measured_speed(base, timed, settings, bool(config.weights and config.weights.pattern == "2:4"), handle)
         else:
             from ..activations.kernel import sparse_input_layers
             from .costmodel import model_cost, predict

@@ -1,0 +1,32 @@
+"""The frontier's measured speed on a CUDA model: each configuration is timed on its kernels (skipped without CUDA)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytest.importorskip("triton")
+
+
+def test_measured_sweep_times_the_sparse_kernels(tiny_dir, tmp_path):
+    from sparsa.frontier import run_sweep
+    from sparsa.frontier.config import parse_sweep
+
+    sweep = parse_sweep({
+        "eval": {"seq_len": 64, "perplexity_tokens": 128, "longctx_tasks": []},
+        "calibration": {"samples": 2, "seq_len": 32},
+        "speed": {"mode": "measured", "prefill_tokens": 64, "decode_context": 64, "decode_tokens": 4},
+        "axes": {"weights": [{"method": "magnitude", "pattern": "2:4"}],
+                 "activations": [{"method": "teal", "sparsity": 0.5}, {"method": "cats", "sparsity": 0.5}]},
+    })
+    records = {r["id"]: r for r in run_sweep(sweep, str(tiny_dir), tmp_path, device="cuda", progress=False)}
+    assert all(r["status"] == "ok" for r in records.values()), [r.get("error") for r in records.values()]
+    for r in records.values():
+        assert r["speed"]["kind"] == "measured" and math.isfinite(r["speed"]["decode_speedup"])
+    layers = 2  # the tiny model's decoder layers
+    assert f"activation sparse GEMV: {7 * layers} layers" in records["activations=teal@0.5"]["speed"]["notes"]
+    assert f"activation sparse GEMV: {layers} layers" in records["activations=cats@0.5"]["speed"]["notes"]  # down_proj
+    assert any(n.startswith("2:4 kernels:") for n in records["weights=magnitude@2:4"]["speed"]["notes"])
