@@ -167,6 +167,28 @@ def test_attention_flags_fail_in_one_line(capsys, tiny_dir):
     assert_one_line_error(code, err, "exceed")
 
 
+@pytest.mark.parametrize("argv, needles", [
+    (["--longctx", ","], ["names no task", "--longctx needle"]),
+    (["--longctx", "needle,bogus"], ["bogus", "choose one of"]),
+    (["--tasks", ","], ["names no task"]),
+    (["--activations", "bogus"], ["bogus", "choose one of"]),
+    (["--attention", "streaming", "--attention-set", "sink_blocks=1.5"], ["sink_blocks", "whole number"]),
+])
+def test_eval_options_are_checked_before_the_model_loads(capsys, argv, needles):
+    code, _, err = run_cli(capsys, "eval", "/nonexistent/model/dir", *argv)  # the model error would come second
+    assert_one_line_error(code, err, *needles)
+
+
+def test_attention_layers_that_do_not_exist(capsys, tiny_dir):
+    code, _, err = run_cli(capsys, "eval", str(tiny_dir), "--attention", "streaming", "--attention-layers", "2")
+    assert_one_line_error(code, err, "[2] do not exist", "2 decoder layers")
+
+
+def test_train_settings_are_typed(capsys, tiny_dir):
+    code, _, err = run_cli(capsys, "train", str(tiny_dir), "--set", "update_every=abc")
+    assert_one_line_error(code, err, "update_every must be a whole number", "update_every=10")
+
+
 def test_eval_with_activation_sparsity(capsys, tiny_dir):
     code, out, err = run_cli(capsys, "eval", str(tiny_dir), "--activations", "teal", "--activation-sparsity", "0.4", "--max-tokens", "512", "--seq-len", "128")
     assert code == 0, err

@@ -82,3 +82,9 @@ def test_too_few_calibration_tokens(tokenizer):
     text = "Only a few words here, repeated a little. " * 10
     with pytest.raises(DataError, match="fewer than one sample"):
         calibration_samples(tokenizer, text, 4, 4096)
+
+
+def test_jsonl_without_a_text_field_names_the_fix(tmp_path):
+    (tmp_path / "rows.jsonl").write_text('{"body": "no text field here"}\n')
+    with pytest.raises(DataError, match=r'line 1 has no string field \'text\'; each line must be an object like \{"text": "..."\}'):
+        load_text(str(tmp_path / "rows.jsonl"))

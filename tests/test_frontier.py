@@ -80,6 +80,11 @@ def test_default_sweep_and_stable_ids():
     ("[axes]\nactivations = [{sparsity = 0.5}]", ["activations[0]", "method"]),
     ("[speed]\nmode = 'fast'", ["fast", "auto, predicted, measured"]),
     ("[sweep]\ndense = false", ["no configurations"]),
+    ("[sweep]\ndense = 'yes'", ["[sweep] dense", "true or false"]),
+    ("[axes]\nweights = []", ["only the dense model", "[axes]"]),
+    ("[eval]\nseq_len = 1024\nperplexity_tokens = 256", ["perplexity_tokens", "seq_len"]),
+    ("[eval]\ntext = 'no-such-file.txt'", ["no-such-file.txt", "does not exist"]),
+    ("[axes]\nattention = [{method = 'streaming', sink_blocks = 'x'}]", ["attention[0]", "sink_blocks", "whole number"]),
 ])
 def test_sweep_errors_are_one_line_naming_the_key(tmp_path, text, words):
     path = tmp_path / "bad.toml"
@@ -88,6 +93,14 @@ def test_sweep_errors_are_one_line_naming_the_key(tmp_path, text, words):
         load_sweep(path)
     message = str(info.value)
     assert "\n" not in message and all(w in message for w in words), message
+
+
+def test_an_nm_pattern_keeps_its_exact_sparsity():
+    (config,) = [c for c in parse_sweep({"axes": {"weights": [{"method": "wanda", "pattern": "3:7"}]}}).configs if not c.is_dense]
+    from sparsa.prune.config import PruneConfig
+
+    assert config.weights.sparsity == 1 - 3 / 7  # pruning checks it against the pattern to 1e-9
+    PruneConfig(method="wanda", sparsity=config.weights.sparsity, pattern="3:7")
 
 
 def test_axes_expand_and_cross():
@@ -227,7 +240,7 @@ def test_measured_speed_needs_a_gpu(tiny_dir, tmp_path):
     from sparsa.frontier import run_sweep
 
     with pytest.raises(InputError, match="CUDA"):
-        run_sweep(parse_sweep({"speed": {"mode": "measured"}}), str(tiny_dir), tmp_path, progress=False)
+        run_sweep(parse_sweep({"speed": {"mode": "measured"}, "axes": {"weights": [{"method": "magnitude"}]}}), str(tiny_dir), tmp_path, progress=False)
 
 
 # -- the report in a real browser -----------------------------------------------------------------

@@ -112,3 +112,19 @@ def test_sparsity_of():
     keep = torch.tensor([[True, False, False, True], [False, False, False, True]])
     assert sparsity_of(keep) == 5 / 8
     assert sparsity_of(torch.ones(3, 3, dtype=torch.bool)) == 0.0
+
+
+def test_parse_nm_takes_ascii_digits_only():
+    from sparsa.prune.config import parse_nm
+
+    assert parse_nm(" 2 : 4 ") == (2, 4)
+    for bad in ("²:4", "٢:4", "2:4:8", "a:b", "2:"):
+        with pytest.raises(InputError, match="use 'unstructured', 'structured' or N:M"):
+            parse_nm(bad)
+
+
+def test_nm_width_error_names_a_fix_for_every_caller():
+    from sparsa.prune.patterns import require_nm_fits
+
+    with pytest.raises(InputError, match=r"choose an M that divides 70, or leave the layer dense \(when pruning: --skip / skip=\)"):
+        require_nm_fits(70, 2, 8, name="model.layers.0.mlp.down_proj")

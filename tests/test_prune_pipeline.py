@@ -133,3 +133,35 @@ def test_cli_prune_saves_and_reloads(tiny_dir, tmp_path, capsys):
     assert sparsity_report(reloaded).pattern == "2:4"
     code = main(["prune", str(tiny_dir), "--out", str(out), "--no-eval"])
     assert code == 2 and "--force" in capsys.readouterr().err
+
+
+def test_checkpoint_dir_that_cannot_be_made_is_an_input_error(tmp_path):
+    from sparsa.prune.pipeline import checkpoint_directory
+
+    afile = tmp_path / "plain.txt"
+    afile.write_text("x")
+    for bad in (afile, afile / "ck"):
+        with pytest.raises(InputError, match=rf"{bad}.*choose another --checkpoint-dir / checkpoint_dir="):
+            checkpoint_directory(bad)
+    assert checkpoint_directory(tmp_path / "a" / "b").is_dir()
+
+
+def test_resume_from_a_corrupt_checkpoint_names_the_file(tiny_lm, tmp_path):
+    sparsa.prune(tiny_lm, method="magnitude", **FAST, checkpoint_dir=tmp_path, progress=False)
+    state = tmp_path / "state.json"
+    good = state.read_text()
+    state.write_text("{x")
+    with pytest.raises(InputError, match=r"state\.json is corrupt .*delete the checkpoint directory"):
+        sparsa.prune(tiny_lm, method="magnitude", **FAST, checkpoint_dir=tmp_path, resume=True, progress=False)
+    state.write_text(good)
+    layer = tmp_path / "layer_0000.safetensors"
+    layer.write_bytes(layer.read_bytes()[:10])
+    with pytest.raises(InputError, match=r"layer_0000\.safetensors is corrupt"):
+        sparsa.prune(tiny_lm, method="magnitude", **FAST, checkpoint_dir=tmp_path, resume=True, progress=False)
+
+
+def test_sample_and_length_errors_name_the_option():
+    with pytest.raises(InputError, match="--seq-len / seq_len must be at least 8 tokens, got 4; pass 8 or more"):
+        PruneConfig(seq_len=4)
+    with pytest.raises(InputError, match="--samples / n_samples must be at least 1"):
+        PruneConfig(n_samples=0)

@@ -405,3 +405,31 @@ def test_two_processes_with_fsdp2_give_the_same_loss_curve(tmp_path):
     assert two["processes"] == 2 and two["kept"] and one["kept"]
     assert two["curve"] == pytest.approx(one["curve"], rel=1e-4)
     assert json.loads((tmp_path / "ckpt" / "latest.json").read_text())["step"] == 3
+
+
+def test_training_pattern_error_lists_what_training_takes():
+    with pytest.raises(InputError, match=r"pattern 'structured' cannot be used; use 'unstructured' or N:M such as 2:4$"):
+        TrainConfig(pattern="structured")
+    with pytest.raises(InputError, match="--seq-len / seq_len must be at least 8"):
+        TrainConfig(seq_len=4)
+
+
+def test_api_train_refuses_a_teacher_of_another_shape(tiny_lm):
+    import sparsa
+
+    with pytest.raises(InputError, match=r"the teacher has vocab_size 96 but the student .* has \d+; .*--teacher / teacher="):
+        sparsa.train(tiny_lm, method="distill", teacher=tiny_model(None), steps=1, seq_len=16)
+    with pytest.raises(InputError, match="--teacher / teacher="):
+        sparsa.train(tiny_lm, method="distill", steps=1, seq_len=16)
+
+
+def test_train_checkpoint_dir_errors_are_input_errors(tmp_path, data):
+    model, masked = tiny_model("50%"), TRAIN_METHODS.get("masked")
+    afile = tmp_path / "plain.txt"
+    afile.write_text("x")
+    with pytest.raises(InputError, match="choose another --checkpoint-dir"):
+        masked.fit(model, MaskState.from_model(model), config("masked", 1), data, checkpoint_dir=afile, progress=False)
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "latest.json").write_text("{x")
+    with pytest.raises(InputError, match=r"latest\.json is corrupt"):
+        masked.fit(model, MaskState.from_model(model), config("masked", 1), data, checkpoint_dir=tmp_path / "ck", resume=True, progress=False)

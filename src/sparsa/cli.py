@@ -11,7 +11,7 @@ import os
 import sys
 from typing import Sequence
 
-from .errors import InputError, SparsaError
+from .errors import InputError, SparsaError, require
 
 EPILOG_PRUNE = """\
 examples:
@@ -310,6 +310,10 @@ def cmd_prune(args) -> int:
     )
     if args.out:
         check_output(args.out, args.force)  # fail now, not after the work
+    if args.compute_device:
+        from .models.loading import check_device
+
+        check_device(args.compute_device, "--compute-device")
     lm = _load(args)
     rows = []
     evaluate_kw = dict(seq_len=args.eval_seq_len, max_tokens=args.eval_max_tokens or None)
@@ -336,6 +340,29 @@ def cmd_prune(args) -> int:
 def cmd_eval(args) -> int:
     from .api import evaluate, evaluate_tasks
 
+    # everything that can be checked without the model is checked before loading it
+    if args.json_out:
+        from .models import check_file_output
+
+        check_file_output(args.json_out, "--json")
+    if args.longctx:
+        from .eval.longctx import TASKS
+
+        longctx = [t.strip() for t in args.longctx.split(",") if t.strip()]
+        require(bool(longctx), f"--longctx {args.longctx!r} names no task; give e.g. --longctx needle,multikey")
+        for task in longctx:
+            TASKS.get(task)
+        lengths = _int_list(args.lengths, "--lengths", positive=True)
+    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
+    require(not args.tasks or bool(tasks), f"--tasks {args.tasks!r} names no task; give e.g. --tasks hellaswag")
+    if args.attention:
+        from .attention import make_pattern
+
+        make_pattern(args.attention, **_settings(args.attention_set))
+    if args.activations:
+        from .activations import ACTIVATION_METHODS
+
+        ACTIVATION_METHODS.get(args.activations)
     lm = _load(args)
     _apply_attention(lm, args)
     if args.activations:
@@ -348,13 +375,10 @@ def cmd_eval(args) -> int:
     if args.longctx:
         from .eval.longctx import evaluate_longctx
 
-        tasks = [t.strip() for t in args.longctx.split(",") if t.strip()]
-        lengths = _int_list(args.lengths, "--lengths", positive=True)
-        results = evaluate_longctx(lm.model, lm.tokenizer, tasks, lengths, n=args.examples)
+        results = evaluate_longctx(lm.model, lm.tokenizer, longctx, lengths, n=args.examples)
         _table("long-context (exact match)", ["task"] + [str(n) for n in lengths],
-               [(t, *(f"{results['scores'][t][n]:.2f}" for n in lengths)) for t in tasks])
-    elif args.tasks:
-        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+               [(t, *(f"{results['scores'][t][n]:.2f}" for n in lengths)) for t in longctx])
+    elif tasks:
         results = evaluate_tasks(lm, tasks, include_path=args.include_path, limit=args.limit)
         _table("lm-eval", ["task", "metric", "value"], [(t, m, f"{v:.4f}") for t, ms in results.items() for m, v in ms.items()])
     else:
@@ -381,11 +405,15 @@ def cmd_inspect(args) -> int:
     _table("model", ["name", "architecture", "parameters", "zero parameters", "decoder linear sparsity", "pattern"], [
         (lm.info.name, lm.info.architecture, f"{report.parameters:,}", f"{report.zero_parameters:,}", f"{report.linear_sparsity:.4f}", report.pattern)
     ])
+    if report.warning:
+        print(report.warning)
     if args.layers:
         _table("layers", ["layer", "shape", "sparsity", "pattern"], [(l.name, "x".join(map(str, l.shape)), f"{l.sparsity:.4f}", l.pattern) for l in report.layers])
     pruning = lm.record.get("pruning")
-    if pruning:
-        print(f"recorded: {pruning['method']} {pruning['pattern']} at {pruning['sparsity']:g}, calibrated on {pruning['calibration']['source']} ({pruning['calibration']['tokens']} tokens)")
+    if isinstance(pruning, dict):  # sparsa.json may have been edited by hand: say what is there
+        calibration = pruning.get("calibration") if isinstance(pruning.get("calibration"), dict) else {}
+        print(f"recorded: {pruning.get('method', '?')} {pruning.get('pattern', '?')} at {pruning.get('sparsity', '?')}, "
+              f"calibrated on {calibration.get('source', '?')} ({calibration.get('tokens', '?')} tokens)")
     return 0
 
 
@@ -435,6 +463,10 @@ def _fractions(text: str, flag: str) -> list[float]:
 def cmd_bench(args) -> int:
     import torch
 
+    if args.json_out:
+        from .models import check_file_output
+
+        check_file_output(args.json_out, "--json")
     if not torch.cuda.is_available():
         raise InputError(f"sparsa bench {args.what} needs a CUDA GPU (none found); run it on a GPU machine")
     try:
@@ -543,19 +575,17 @@ def _train_settings(pairs: list[str]) -> dict:
 
     from .train import TrainConfig
 
-    known = {f.name: f.type for f in fields(TrainConfig)}
+    known = {f.name: str(f.type) for f in fields(TrainConfig)}
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in known:
             raise InputError(f"--set {pair!r}: give KEY=VALUE with KEY one of: {', '.join(sorted(known))}")
-        for kind in (int, float):
-            try:
-                value = kind(value)
-                break
-            except ValueError:
-                continue
-        out[key] = value
+        kind, words = {"int": (int, "a whole number"), "float": (float, "a number")}.get(known[key], (str, ""))
+        try:
+            out[key] = kind(value)
+        except ValueError:
+            raise InputError(f"--set {pair!r}: {key} must be {words}, e.g. {key}={TrainConfig.__dataclass_fields__[key].default}") from None
     return out
 
 
@@ -655,8 +685,11 @@ def _add_frontier_parser(sub) -> None:
 def cmd_frontier(args) -> int:
     from .api import frontier
 
+    from .models import check_output
+
     if args.config is not None and not os.path.isfile(args.config):
         raise InputError(f"--config {args.config}: no such file; pass a sweep TOML (see: sparsa frontier --help)")
+    check_output(args.out, force=True)  # an existing folder is resumed
     result = frontier(args.model, args.config, out=args.out, fresh=args.fresh, ray=args.ray, device=args.device,
                       dtype=args.dtype, max_tokens=args.max_tokens, all_rows=args.all_rows)
     _say(f"wrote {result.results}, {result.png or '(no plot: pip install sparsa[frontier])'} and {result.html}")

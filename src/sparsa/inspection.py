@@ -21,6 +21,7 @@ class LayerSparsity:
     total: int
     pattern: str  # "dense", "N:M", "structured (rows|columns)" or "unstructured"
     decoder: bool = True  # inside a decoder layer (what pruning targets), not lm_head
+    nonfinite: int = 0  # NaN or Inf weights: a damaged model
 
     @property
     def sparsity(self) -> float:
@@ -32,6 +33,7 @@ class SparsityReport:
     layers: list[LayerSparsity]
     parameters: int  # every parameter of the model, counted once
     zero_parameters: int  # of those, how many are exactly zero
+    nonfinite_parameters: int = 0  # of those, how many are NaN or Inf
 
     @property
     def linear_sparsity(self) -> float:
@@ -45,14 +47,26 @@ class SparsityReport:
         found = {layer.pattern for layer in self.layers if layer.decoder and layer.pattern != "dense"}
         return found.pop() if len(found) == 1 else ("dense" if not found else "mixed")
 
+    @property
+    def warning(self) -> str | None:
+        """One line naming where NaN or Inf weights are, or None when every weight is finite."""
+        if not self.nonfinite_parameters:
+            return None
+        bad = [layer.name for layer in self.layers if layer.nonfinite]
+        if not bad:
+            return f"WARNING: {self.nonfinite_parameters:,} weights outside the linear layers are NaN or Inf"
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        return f"WARNING: {len(bad)} layer{'s have' if len(bad) > 1 else ' has'} NaN or Inf weights: {', '.join(bad[:3])}{more}"
+
     def to_dict(self) -> dict:
         return {
             "parameters": self.parameters,
             "zero_parameters": self.zero_parameters,
+            "nonfinite_parameters": self.nonfinite_parameters,
             "linear_sparsity": self.linear_sparsity,
             "pattern": self.pattern,
             "layers": [
-                {"name": l.name, "shape": list(l.shape), "sparsity": l.sparsity, "pattern": l.pattern, "decoder": l.decoder}
+                {"name": l.name, "shape": list(l.shape), "sparsity": l.sparsity, "pattern": l.pattern, "decoder": l.decoder, "nonfinite": l.nonfinite}
                 for l in self.layers
             ],
         }
@@ -85,9 +99,14 @@ def detect_pattern(weight: torch.Tensor) -> str:
 def sparsity_report(model: nn.Module) -> SparsityReport:
     prefix = adapter_for(model).layers_path + "."
     layers = [
-        LayerSparsity(name, tuple(m.weight.shape), int((m.weight == 0).sum()), m.weight.numel(), detect_pattern(m.weight), name.startswith(prefix))
+        LayerSparsity(name, tuple(m.weight.shape), int((m.weight == 0).sum()), m.weight.numel(), detect_pattern(m.weight), name.startswith(prefix), _nonfinite(m.weight))
         for name, m in linear_layers(model).items()
     ]
     unique = {id(p): p for p in model.parameters()}.values()
     zero_parameters = sum(int((p == 0).sum()) for p in unique)
-    return SparsityReport(layers, count_parameters(model), zero_parameters)
+    nonfinite_parameters = sum(_nonfinite(p) for p in unique)
+    return SparsityReport(layers, count_parameters(model), zero_parameters, nonfinite_parameters)
+
+
+def _nonfinite(weight: torch.Tensor) -> int:
+    return int((~torch.isfinite(weight)).sum())

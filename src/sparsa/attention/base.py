@@ -41,11 +41,19 @@ class PatternBase:
 def make_pattern(name: str, **params) -> PatternBase:
     """The registered pattern ``name`` with ``params`` as its settings."""
     cls = PATTERNS.get(name)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - fields)
+    fields = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - set(fields))
     if unknown:
         raise InputError(f"attention pattern {name!r} has no setting {', '.join(unknown)}; it takes: {', '.join(sorted(fields))}")
+    for key, value in params.items():
+        kind = fields[key]
+        if kind in _KINDS and (not isinstance(value, _KINDS[kind]) or (isinstance(value, bool) and kind != "bool")):
+            raise InputError(f"attention pattern {name!r}: {key} must be {_KIND_WORDS[kind]}, got {value!r}")
     return cls(**params)
+
+
+_KINDS = {"int": int, "float": (int, float), "bool": bool}
+_KIND_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false"}
 
 
 def scaled_scores(q: torch.Tensor, k: torch.Tensor, scale: float | None = None) -> torch.Tensor:

@@ -144,6 +144,9 @@ def apply(
     require(q_heads is not None and q_heads % kv_heads == 0,
             f"{name}: {q_heads} query heads are not a multiple of {kv_heads} key-value heads; supported: MHA and grouped-query attention")
     count = len(modules)
+    if layers is not None:
+        bad = [i for i in layers if not -count <= i < count]
+        require(not bad, f"layers {bad} do not exist: {name} has {count} decoder layers (0..{count - 1}, or -1..-{count} from the end)")
     chosen = None if layers is None else {i % count for i in layers}
     if heads is not None:
         bad = [h for h in heads if not 0 <= h < q_heads]

@@ -56,15 +56,16 @@ def load_text(source: str, *, field: str = "text") -> str:
 
 def _jsonl_text(raw: str, path: Path, field: str) -> str:
     docs = []
+    shape = f'each line must be an object like {{"{field}": "..."}}'
     for number, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            raise DataError(f"{path} line {number} is not valid JSON; each line must be an object like {{\"{field}\": \"...\"}}") from None
+            raise DataError(f"{path} line {number} is not valid JSON; {shape}") from None
         if not isinstance(row, dict) or not isinstance(row.get(field), str):
-            raise DataError(f"{path} line {number} has no string field {field!r}; pass --text-field to name the field")
+            raise DataError(f"{path} line {number} has no string field {field!r}; {shape}")
         docs.append(row[field])
     return "\n\n".join(docs)
 
@@ -83,7 +84,7 @@ def _hf_text(source: str, field: str) -> str:
     except Exception as e:
         raise DataError(f"cannot load dataset {source}: {str(e).splitlines()[0][:200]}") from None
     if field not in data.column_names:
-        raise DataError(f"dataset {source} has no column {field!r} (it has {', '.join(data.column_names)}); pass --text-field")
+        raise DataError(f"dataset {source} has no column {field!r} (it has {', '.join(data.column_names)}); use a dataset with a {field!r} column")
     return _checked("\n\n".join(t for t in data[field] if t), source)
 
 

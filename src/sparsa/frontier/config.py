@@ -66,8 +66,9 @@ class WeightSpec:
         PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern)  # validates (one-line errors)
         if self.pattern not in ("unstructured", "structured"):
             n, m = (int(v) for v in self.pattern.split(":"))
-            object.__setattr__(self, "sparsity", 1 - n / m)
-        object.__setattr__(self, "sparsity", round(float(self.sparsity), 6))
+            object.__setattr__(self, "sparsity", 1 - n / m)  # exact: pruning checks it against N:M
+        else:
+            object.__setattr__(self, "sparsity", round(float(self.sparsity), 6))
 
     @property
     def key(self) -> str:
@@ -203,6 +204,9 @@ class Settings:
                 raise InputError(f"{name} must be a positive whole number, got {value!r}")
         if not isinstance(self.perplexity_tokens, int) or self.perplexity_tokens < 0:
             raise InputError(f"perplexity_tokens must be a whole number >= 0 (0: the whole text), got {self.perplexity_tokens!r}")
+        if 0 < self.perplexity_tokens < self.seq_len:
+            raise InputError(f"perplexity_tokens ({self.perplexity_tokens}) is less than one perplexity window (seq_len "
+                             f"{self.seq_len}); raise perplexity_tokens (--max-tokens) or lower [eval] seq_len")
         if self.speed not in ("auto", "predicted", "measured"):
             raise InputError(f"speed mode {self.speed!r} is not one of: auto, predicted, measured")
         for name in ("longctx_tasks", "lm_eval_tasks"):
@@ -210,6 +214,10 @@ class Settings:
             if isinstance(value, str):
                 value = (value,)
             object.__setattr__(self, name, tuple(value))
+        from ..data import SHIPPED, load_text
+
+        if self.text not in SHIPPED and not self.text.startswith("hf:"):
+            load_text(self.text)  # a local file: missing or unreadable is said now, not by every configuration
         if self.longctx_tasks:
             from ..eval.longctx import TASKS
 
@@ -334,6 +342,9 @@ def parse_sweep(data: dict, source: str = "<dict>", **setting_overrides) -> Swee
     extra = sorted(set(sweep) - {"dense", "cross"})
     if extra:
         raise InputError(f"{source}: unknown key {extra[0]!r} in [sweep]; it takes: dense (true/false), cross (true/false)")
+    for key, value in sweep.items():
+        if not isinstance(value, bool):
+            raise InputError(f"{source}: [sweep] {key} must be true or false, got {value!r}")
     axes_table = data.get("axes", {})
     extra = sorted(set(axes_table) - set(_AXES))
     if extra:
@@ -373,4 +384,6 @@ def parse_sweep(data: dict, source: str = "<dict>", **setting_overrides) -> Swee
         if c.id not in seen:
             seen.add(c.id)
             unique.append(c)
+    if unique and all(c.is_dense for c in unique):
+        raise InputError(f"{source}: the sweep has only the dense model; list sparse configurations under [axes] or [[combine]]")
     return Sweep(settings, tuple(unique), source)

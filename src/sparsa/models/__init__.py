@@ -2,7 +2,7 @@
 
 from .adapters import Adapter, adapter_for, linear_layers, supported
 from .loading import LoadedModel, ModelInfo, count_parameters, default_model_path, describe, load_model
-from .saving import atomic_save_tensors, atomic_write_text, check_output, save_model
+from .saving import atomic_save_tensors, atomic_write_text, check_file_output, check_output, save_model
 
 __all__ = [
     "Adapter",
@@ -11,6 +11,7 @@ __all__ = [
     "adapter_for",
     "atomic_save_tensors",
     "atomic_write_text",
+    "check_file_output",
     "check_output",
     "count_parameters",
     "default_model_path",

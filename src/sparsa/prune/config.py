@@ -6,6 +6,7 @@ The same record is written to ``sparsa.json`` beside a pruned model.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass
 
 from ..errors import InputError, require
@@ -41,8 +42,8 @@ class PruneConfig:
             isinstance(self.sparsity, (int, float)) and not math.isnan(self.sparsity) and 0 <= self.sparsity < 1,
             f"sparsity must be in [0, 1), got {self.sparsity}; pass e.g. --sparsity 0.5 for half the weights",
         )
-        require(self.n_samples >= 1, f"n_samples must be at least 1, got {self.n_samples}")
-        require(self.seq_len >= 8, f"seq_len must be at least 8 tokens, got {self.seq_len}")
+        require(self.n_samples >= 1, f"--samples / n_samples must be at least 1, got {self.n_samples}; pass 1 or more")
+        require(self.seq_len >= 8, f"--seq-len / seq_len must be at least 8 tokens, got {self.seq_len}; pass 8 or more")
         require(self.blocksize >= 1, f"blocksize must be positive, got {self.blocksize}")
         require(self.damp > 0, f"damp must be positive, got {self.damp}")
         require(0 <= self.head_sparsity < 1, f"head_sparsity must be in [0, 1), got {self.head_sparsity}")
@@ -68,11 +69,14 @@ class PruneConfig:
         return asdict(self)
 
 
-def parse_nm(text: str) -> tuple[int, int]:
-    """Parse 'N:M' (keep N of every M consecutive weights along the input dimension)."""
-    parts = text.split(":")
-    ok = len(parts) == 2 and all(p.strip().isdigit() for p in parts)
-    require(ok, f"pattern {text!r} is not understood; use 'unstructured', 'structured' or N:M such as 2:4")
-    n, m = int(parts[0]), int(parts[1])
+def parse_nm(text: str, others: tuple[str, ...] = ("unstructured", "structured")) -> tuple[int, int]:
+    """Parse 'N:M' (keep N of every M consecutive weights along the input dimension).
+
+    ``others`` are the caller's named patterns, listed in the error.
+    """
+    match = re.fullmatch(r"\s*([0-9]+)\s*:\s*([0-9]+)\s*", text) if isinstance(text, str) else None
+    choices = ", ".join(repr(o) for o in others)
+    require(match is not None, f"pattern {text!r} cannot be used; use {choices} or N:M such as 2:4")
+    n, m = int(match[1]), int(match[2])
     require(0 < n < m, f"pattern {text!r} needs 0 < N < M, e.g. 2:4 keeps 2 of every 4 weights")
     return n, m

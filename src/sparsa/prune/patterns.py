@@ -93,7 +93,7 @@ def require_nm_fits(in_features: int, n: int, m: int, name: str = "") -> None:
     require(
         in_features % m == 0,
         f"{layer} has {in_features} input features, not divisible by M={m}; "
-        "choose an M that divides it or --skip that layer",
+        f"choose an M that divides {in_features}, or leave the layer dense (when pruning: --skip / skip=)",
     )
 
 

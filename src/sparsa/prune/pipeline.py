@@ -22,6 +22,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 import torch.nn as nn
@@ -85,8 +86,9 @@ def prune_model(
         report = _structured(lm, config, calib, device, progress)
         budgets = None
     else:
+        state = _Checkpoint(checkpoint_dir, config, calib.text_sha256) if checkpoint_dir else None  # a bad directory fails before the work
         budgets = _owl(model, config, calib, targets, device, progress) if config.owl else None
-        report = _sequential(lm, config, calib, targets, budgets, device, checkpoint_dir, resume, progress)
+        report = _sequential(lm, config, calib, targets, budgets, device, state, resume, progress)
     record = {
         "method": config.method,
         "pattern": config.pattern,
@@ -237,14 +239,13 @@ def _collect(layer: nn.Module, hidden, kwargs, linears: dict[str, nn.Linear], si
 
 
 @torch.no_grad()
-def _sequential(lm, config, calib, targets, budgets, device, checkpoint_dir, resume, progress) -> dict:
+def _sequential(lm, config, calib, targets, budgets, device, state, resume, progress) -> dict:
     model = lm.model
     layers = adapter_for(model).layers(model)
     method = METHODS.get(config.method)
     # The pass owns the captured inputs: outputs replace them as it goes, so
     # only one set of activations is ever alive.
     hidden, calib.hidden = [h.to(device) for h in calib.hidden], []
-    state = _Checkpoint(checkpoint_dir, config, calib.text_sha256) if checkpoint_dir else None
     first = 0
     if resume:
         if state is None:
@@ -332,17 +333,39 @@ def _structured(lm, config, calib, device, progress) -> dict:
     return {"structured": prune_structured(lm.model, structured, flat)}
 
 
-# -- checkpoints -----------------------------------------------------------------------
+# -- checkpoints (the training loop uses these helpers too) ----------------------------
+
+T = TypeVar("T")
+
+
+def checkpoint_directory(directory: str | os.PathLike) -> Path:
+    """``directory``, created if missing; a one-line InputError when it cannot hold checkpoints."""
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "a file has that name" if path.is_file() else e.strerror
+        raise InputError(f"cannot use {path} as the checkpoint directory ({why}); choose another --checkpoint-dir / checkpoint_dir=") from None
+    return path
+
+
+def read_checkpoint(path: Path, read: Callable[[Path], T]) -> T:
+    """``read(path)``; a one-line InputError naming the file when it is missing or damaged."""
+    try:
+        return read(path)
+    except Exception as e:  # whatever the reader raises, the file cannot be used
+        why = getattr(e, "strerror", None) or str(e).strip().split("\n")[0][:200] or type(e).__name__
+        raise InputError(f"checkpoint {path} is corrupt ({why}); delete the checkpoint directory or run without --resume / resume= to start over") from None
+
 
 class _Checkpoint:
     """Per-layer checkpoint: pruned layer weights, the next layer's inputs, progress."""
 
     def __init__(self, directory, config: PruneConfig, text_sha256: str) -> None:
-        self.dir = Path(directory)
+        self.dir = checkpoint_directory(directory)
         self.key = {"config": config.to_dict(), "text_sha256": text_sha256}
 
     def save(self, index: int, layer: nn.Module, hidden: list[torch.Tensor]) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
         weights = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
         atomic_save_tensors(weights, self.dir / f"layer_{index:04d}.safetensors")
         atomic_save_tensors({f"h{j}": h.cpu().contiguous() for j, h in enumerate(hidden)}, self.dir / "inputs.safetensors")
@@ -352,14 +375,14 @@ class _Checkpoint:
         path = self.dir / "state.json"
         if not path.is_file():
             raise InputError(f"no checkpoint in {self.dir} to resume from; run without --resume to start")
-        state = json.loads(path.read_text())
+        state = read_checkpoint(path, lambda p: json.loads(p.read_text()))
         if state["config"] != json.loads(json.dumps(self.key["config"], default=str)) or state["text_sha256"] != self.key["text_sha256"]:
             raise InputError(f"the checkpoint in {self.dir} was made with other settings or text; rerun with the same flags, or delete it to start over")
         done = state["next_layer"]
         for i in range(done):
-            weights = load_file(self.dir / f"layer_{i:04d}.safetensors")
+            weights = read_checkpoint(self.dir / f"layer_{i:04d}.safetensors", load_file)
             layers[i].load_state_dict(weights, strict=True)
-        saved = load_file(self.dir / "inputs.safetensors", device=device)
+        saved = read_checkpoint(self.dir / "inputs.safetensors", lambda p: load_file(p, device=device))
         return done, [saved[f"h{j}"] for j in range(len(saved))]
 
     def finish(self) -> None:

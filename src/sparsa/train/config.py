@@ -49,7 +49,7 @@ class TrainConfig:
         require(self.steps >= 1, f"steps must be at least 1, got {self.steps}")
         require(math.isfinite(self.lr) and self.lr > 0, f"lr must be a positive number, got {self.lr}; e.g. --lr 1e-4")
         require(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
-        require(self.seq_len >= 8, f"seq_len must be at least 8 tokens, got {self.seq_len}")
+        require(self.seq_len >= 8, f"--seq-len / seq_len must be at least 8 tokens, got {self.seq_len}; pass 8 or more")
         require(self.weight_decay >= 0, f"weight_decay must be non-negative, got {self.weight_decay}")
         require(0 <= self.warmup < self.steps, f"warmup must be in [0, steps), got {self.warmup} with {self.steps} steps")
         require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
@@ -70,7 +70,7 @@ class TrainConfig:
         require(self.soup_base != "soup", "a soup's ingredients cannot be soups; set soup_base to masked, distill, ...")
         require(self.soup_vary in ("order", "seed"), f"soup_vary must be 'order' or 'seed', got {self.soup_vary!r}")
         if self.pattern != "unstructured":
-            parse_nm(self.pattern)
+            parse_nm(self.pattern, others=("unstructured",))  # training keeps no structured pattern
 
     @property
     def nm(self) -> tuple[int, int] | None:

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ..data.calibration import tokenize
 from ..errors import DataError, InputError, require
 from ..models import atomic_write_text
+from ..prune.pipeline import checkpoint_directory, read_checkpoint
 from .config import TrainConfig
 from .masks import MaskState
 
@@ -276,14 +277,13 @@ class _Checkpoints:
     """``DIR/step-NNNNNNN/`` directories, the newest named by ``DIR/latest.json``; older ones are removed."""
 
     def __init__(self, directory, config: TrainConfig, data_sha256: str) -> None:
-        self.dir = Path(directory)
+        self.dir = checkpoint_directory(directory)
         self.key = {"config": {k: v for k, v in config.to_dict().items() if k not in FREE_ON_RESUME}, "data_sha256": data_sha256}
 
     def save(self, step: int, model, optimizer, scheduler, masks: MaskState, method, losses: list[float], seconds: float) -> None:
         model_state, optim_state = _state_dicts(model, optimizer)
         if rank() != 0:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=self.dir, prefix=".tmp-"))
         try:
             save_file(_plain(model_state), tmp / "model.safetensors")
@@ -310,17 +310,17 @@ class _Checkpoints:
         path = self.dir / LATEST
         if not path.is_file():
             raise InputError(f"no checkpoint in {self.dir} to resume from; run without --resume to start")
-        latest = json.loads(path.read_text())
+        latest = read_checkpoint(path, lambda p: json.loads(p.read_text()))
         if latest["config"] != json.loads(json.dumps(self.key["config"], default=str)) or latest["data_sha256"] != self.key["data_sha256"]:
             raise InputError(f"the checkpoint in {self.dir} was made with other settings or data; rerun with the same flags, or delete it to start over")
         where = self.dir / latest["path"]
-        state = torch.load(where / "state.pt", weights_only=True)
-        _load_state_dicts(model, optimizer, load_file(where / "model.safetensors"), state["optimizer"])
+        state = read_checkpoint(where / "state.pt", lambda p: torch.load(p, weights_only=True))
+        _load_state_dicts(model, optimizer, read_checkpoint(where / "model.safetensors", load_file), state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        saved_masks = MaskState.from_state_dict(load_file(where / "masks.safetensors"))
+        saved_masks = MaskState.from_state_dict(read_checkpoint(where / "masks.safetensors", load_file))
         for name in masks.names():
             masks.update(name, saved_masks.masks[name])
-        method.load_state_dict(load_file(where / "method.safetensors"))
+        method.load_state_dict(read_checkpoint(where / "method.safetensors", load_file))
         _set_rng_state(state["rng"])
         return state["step"], list(state["losses"]), float(state["seconds"])
 

@@ -44,7 +44,9 @@ def train_model(
         teacher = teacher.model
     needs = method.needs_teacher or (config.method == "soup" and TRAIN_METHODS.get(config.soup_base).needs_teacher)
     if needs and teacher is None:
-        raise InputError(f"{config.method} distils from the dense model; pass teacher= (the model before pruning), or prune in the same run (sparsa train --prune)")
+        raise InputError(f"{config.method} distils from the dense model; pass it as --teacher / teacher= (the model before pruning), or prune in the same run (sparsa train --prune)")
+    if needs:
+        _check_teacher(lm, teacher)
     if masks is None:
         masks = MaskState.from_model(lm.model)
     if not method.moves_mask and len(masks) == 0:
@@ -54,3 +56,20 @@ def train_model(
     record = {**record, "data": config.data, "windows": len(data), "data_sha256": data.sha256}
     lm.record = {**lm.record, "training": record}
     return record
+
+
+# Distillation compares the logits and every decoder layer's hidden states of the two models.
+TEACHER_MUST_MATCH = ("vocab_size", "hidden_size", "num_hidden_layers")
+
+
+def _check_teacher(lm: LoadedModel, teacher: nn.Module) -> None:
+    """A one-line InputError unless ``teacher`` has the student's vocabulary, width and depth."""
+    for key in TEACHER_MUST_MATCH:
+        ours, theirs = getattr(lm.model.config, key, None), getattr(teacher.config, key, None)
+        if ours != theirs:
+            name = getattr(teacher.config, "name_or_path", "")
+            who = f"the teacher {name}" if name else "the teacher"
+            raise InputError(
+                f"{who} has {key} {theirs} but the student {lm.source} has {ours}; "
+                "pass the dense model the student was pruned from as --teacher / teacher="
+            )
