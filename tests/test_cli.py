@@ -184,6 +184,14 @@ def test_attention_layers_that_do_not_exist(capsys, tiny_dir):
     assert_one_line_error(code, err, "[2] do not exist", "2 decoder layers")
 
 
+def test_an_nm_pattern_implies_its_sparsity_and_an_explicit_one_must_agree(capsys):
+    from sparsa.prune.config import PruneConfig
+
+    assert PruneConfig(pattern="1:4").sparsity == 0.75 and PruneConfig().sparsity == 0.5
+    code, _, err = run_cli(capsys, "prune", "--pattern", "1:4", "--sparsity", "0.5")  # fails before the model loads
+    assert_one_line_error(code, err, "1:4 means sparsity 0.75, not 0.5")
+
+
 def test_train_settings_are_typed(capsys, tiny_dir):
     code, _, err = run_cli(capsys, "train", str(tiny_dir), "--set", "update_every=abc")
     assert_one_line_error(code, err, "update_every must be a whole number", "update_every=10")

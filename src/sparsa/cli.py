@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model one-shot and compare perplexity before/after", description="Prune a causal LM one-shot, layer by layer, on calibration text; evaluate before and after; optionally save.", epilog=EPILOG_PRUNE, formatter_class=argparse.RawDescriptionHelpFormatter)
     _model_arg(p)
     p.add_argument("--method", default="wanda", choices=METHODS.names(), help="pruning method (default: wanda)")
-    p.add_argument("--sparsity", type=_unit_interval, default=0.5, help="fraction of weights removed, in [0, 1) (default: 0.5; N:M patterns imply their own)")
+    p.add_argument("--sparsity", type=_unit_interval, default=None, help="fraction of weights removed, in [0, 1) (default: 0.5; an N:M pattern implies its own, 1 - N/M)")
     p.add_argument("--pattern", default="unstructured", help="unstructured, N:M along the input dim (2:4, 4:8, 1:4 ...) or structured (default: unstructured)")
     p.add_argument("--heads", type=_unit_interval, default=0.0, help="with --pattern structured: fraction of attention KV-head groups removed (default: 0)")
     p.add_argument("--owl", action="store_true", help="outlier-weighted layerwise budgets (the average still meets --sparsity)")
@@ -281,7 +281,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the data order and of random choices (default: 0)")
     p.add_argument("--prune", default=None, metavar="METHOD", help="prune first with this method (wanda, sparsegpt, ...); the dense model becomes the teacher")
     p.add_argument("--pattern", default="2:4", help="N:M or unstructured: for --prune and sr_ste (default: 2:4)")
-    p.add_argument("--sparsity", type=_unit_interval, default=0.5, help="for --prune with --pattern unstructured, rigl, set and imp (default: 0.5)")
+    p.add_argument("--sparsity", type=_unit_interval, default=None, help="for --prune (default: 0.5, or what an N:M --pattern implies), rigl, set and imp (default: 0.5)")
     p.add_argument("--teacher", default=None, help="the dense model to distil from, when not pruning in the same run")
     p.add_argument("--set", dest="settings", nargs="*", default=[], metavar="KEY=VALUE", help="other TrainConfig fields, e.g. update_every=20 rounds=4 soup_size=3")
     _run_output_args(p, "write checkpoints here (every --set checkpoint_every=N steps, and at the end)", "trained")
@@ -598,9 +598,10 @@ def cmd_train(args) -> int:
     from .train import TrainConfig
     from .train.loop import full_state_dict, rank, world
 
+    given = {} if args.sparsity is None else {"sparsity": args.sparsity}
     config = TrainConfig(
         method=args.method, data=args.data, steps=args.steps, lr=args.lr, seq_len=args.seq_len, batch_size=args.batch_size,
-        seed=args.seed, pattern=args.pattern, sparsity=args.sparsity, **_train_settings(args.settings),
+        seed=args.seed, pattern=args.pattern, **given, **_train_settings(args.settings),
     )
     if args.resume and not args.checkpoint_dir:
         raise InputError("--resume needs --checkpoint-dir (the directory the interrupted run wrote)")
@@ -610,7 +611,7 @@ def cmd_train(args) -> int:
     teacher = None
     if args.prune:
         teacher = copy.deepcopy(lm.model)
-        record = prune(lm, method=args.prune, pattern=args.pattern, sparsity=args.sparsity)
+        record = prune(lm, method=args.prune, pattern=args.pattern, **given)
         _say(f"pruned with {args.prune} {args.pattern} in {record['seconds']:.1f} s")
     elif args.teacher:
         teacher = load_model(args.teacher, device=args.device, dtype=args.dtype).model

@@ -55,7 +55,7 @@ def _pct(x: float) -> str:
 @dataclasses.dataclass(frozen=True)
 class WeightSpec:
     method: str
-    sparsity: float = 0.5
+    sparsity: float | None = None  # None: 0.5, or what an N:M pattern implies
     pattern: str = "unstructured"  # unstructured, N:M (2:4 ...) or structured
 
     def __post_init__(self) -> None:
@@ -63,12 +63,10 @@ class WeightSpec:
         from ..prune.config import PruneConfig
 
         METHODS.get(self.method)
-        PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern)  # validates (one-line errors)
-        if self.pattern not in ("unstructured", "structured"):
-            n, m = (int(v) for v in self.pattern.split(":"))
-            object.__setattr__(self, "sparsity", 1 - n / m)  # exact: pruning checks it against N:M
-        else:
-            object.__setattr__(self, "sparsity", round(float(self.sparsity), 6))
+        sparsity = PruneConfig(method=self.method, sparsity=self.sparsity, pattern=self.pattern).sparsity  # validated
+        if self.pattern in ("unstructured", "structured"):
+            sparsity = round(float(sparsity), 6)  # N:M keeps the exact 1 - N/M, which pruning checks to 1e-9
+        object.__setattr__(self, "sparsity", sparsity)
 
     @property
     def key(self) -> str:
@@ -302,7 +300,7 @@ def _spec(axis: str, entry: Any, where: str):
             unknown = sorted(set(entry) - {"sparsity", "pattern"})
             if unknown:
                 raise InputError(f"unknown key {unknown[0]!r}; weights entries take method, sparsity, pattern")
-            return WeightSpec(method, entry.get("sparsity", 0.5), entry.get("pattern", "unstructured"))
+            return WeightSpec(method, entry.get("sparsity"), entry.get("pattern", "unstructured"))
         if axis == "activations":
             unknown = sorted(set(entry) - {"sparsity"})
             if unknown:

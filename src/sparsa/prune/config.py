@@ -15,7 +15,7 @@ from ..errors import InputError, require
 @dataclass(frozen=True)
 class PruneConfig:
     method: str = "wanda"
-    sparsity: float = 0.5
+    sparsity: float | None = None  # None: 0.5, or what an N:M pattern implies (1 - N/M)
     pattern: str = "unstructured"  # "unstructured", "N:M" such as "2:4", or "structured"
     # calibration
     calibration: str = "shipped"  # "shipped", a text/JSONL path, or "hf:NAME[:CONFIG]:SPLIT"
@@ -38,6 +38,9 @@ class PruneConfig:
     dsnot_threshold: float = 0.1
 
     def __post_init__(self) -> None:
+        if self.sparsity is None:
+            nm = parse_nm(self.pattern) if self.pattern not in ("unstructured", "structured") else None
+            object.__setattr__(self, "sparsity", 0.5 if nm is None else 1 - nm[0] / nm[1])
         require(
             isinstance(self.sparsity, (int, float)) and not math.isnan(self.sparsity) and 0 <= self.sparsity < 1,
             f"sparsity must be in [0, 1), got {self.sparsity}; pass e.g. --sparsity 0.5 for half the weights",
@@ -52,8 +55,6 @@ class PruneConfig:
             object.__setattr__(self, "skip", tuple(self.skip))
         if self.pattern not in ("unstructured", "structured"):
             n, m = parse_nm(self.pattern)
-            if self.sparsity == 0.5 or self.sparsity == 0:
-                object.__setattr__(self, "sparsity", 1 - n / m)
             require(
                 abs(self.sparsity - (1 - n / m)) < 1e-9,
                 f"pattern {self.pattern} means sparsity {1 - n / m:g}, not {self.sparsity:g}; "
