@@ -337,6 +337,13 @@ def cmd_prune(args) -> int:
     return 0
 
 
+def _names(text: str, flag: str, example: str) -> list[str]:
+    """The comma-separated task names of ``flag``; at least one."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    require(bool(names), f"{flag} {text!r} names no task; give e.g. {flag} {example}")
+    return names
+
+
 def cmd_eval(args) -> int:
     from .api import evaluate, evaluate_tasks
 
@@ -348,13 +355,11 @@ def cmd_eval(args) -> int:
     if args.longctx:
         from .eval.longctx import TASKS
 
-        longctx = [t.strip() for t in args.longctx.split(",") if t.strip()]
-        require(bool(longctx), f"--longctx {args.longctx!r} names no task; give e.g. --longctx needle,multikey")
+        longctx = _names(args.longctx, "--longctx", "needle,multikey")
         for task in longctx:
             TASKS.get(task)
         lengths = _int_list(args.lengths, "--lengths", positive=True)
-    tasks = [t.strip() for t in (args.tasks or "").split(",") if t.strip()]
-    require(not args.tasks or bool(tasks), f"--tasks {args.tasks!r} names no task; give e.g. --tasks hellaswag")
+    tasks = _names(args.tasks, "--tasks", "hellaswag") if args.tasks else []
     if args.attention:
         from .attention import make_pattern
 
@@ -575,17 +580,17 @@ def _train_settings(pairs: list[str]) -> dict:
 
     from .train import TrainConfig
 
-    known = {f.name: str(f.type) for f in fields(TrainConfig)}
+    known = {f.name: f for f in fields(TrainConfig)}
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in known:
             raise InputError(f"--set {pair!r}: give KEY=VALUE with KEY one of: {', '.join(sorted(known))}")
-        kind, words = {"int": (int, "a whole number"), "float": (float, "a number")}.get(known[key], (str, ""))
+        kind, words = {"int": (int, "a whole number"), "float": (float, "a number")}.get(str(known[key].type), (str, ""))
         try:
             out[key] = kind(value)
         except ValueError:
-            raise InputError(f"--set {pair!r}: {key} must be {words}, e.g. {key}={TrainConfig.__dataclass_fields__[key].default}") from None
+            raise InputError(f"--set {pair!r}: {key} must be {words}, e.g. {key}={known[key].default}") from None
     return out
 
 
@@ -685,7 +690,6 @@ def _add_frontier_parser(sub) -> None:
 
 def cmd_frontier(args) -> int:
     from .api import frontier
-
     from .models import check_output
 
     if args.config is not None and not os.path.isfile(args.config):

@@ -38,8 +38,8 @@ class PruneConfig:
     dsnot_threshold: float = 0.1
 
     def __post_init__(self) -> None:
+        nm = self.nm
         if self.sparsity is None:
-            nm = parse_nm(self.pattern) if self.pattern not in ("unstructured", "structured") else None
             object.__setattr__(self, "sparsity", 0.5 if nm is None else 1 - nm[0] / nm[1])
         require(
             isinstance(self.sparsity, (int, float)) and not math.isnan(self.sparsity) and 0 <= self.sparsity < 1,
@@ -53,8 +53,8 @@ class PruneConfig:
         require(0 < self.owl_lambda < 1, f"owl_lambda must be in (0, 1), got {self.owl_lambda}")
         if isinstance(self.skip, list):  # accept lists from callers, store a tuple
             object.__setattr__(self, "skip", tuple(self.skip))
-        if self.pattern not in ("unstructured", "structured"):
-            n, m = parse_nm(self.pattern)
+        if nm is not None:
+            n, m = nm
             require(
                 abs(self.sparsity - (1 - n / m)) < 1e-9,
                 f"pattern {self.pattern} means sparsity {1 - n / m:g}, not {self.sparsity:g}; "
