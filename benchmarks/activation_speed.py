@@ -9,7 +9,9 @@ measured at 0.46x-0.60x of dense at 50% on an H100 by the issue's author):
 cut, find the active indices, ``x[idx] @ W[:, idx]^T``. Ours:
 :func:`sparsa.kernels.sparse_gemv.sparse_gemv` on W stored transposed once,
 with the cut fused in (per-channel thresholds); its launch configuration is
-searched per shape at 50% and reused. Dense and ours are timed as a decode
+searched per shape at 50% and reused. "As dispatched": the configuration a
+layer picks for itself among fewer candidates (``sparsa.kernels.gemv_dispatch``),
+timed the same way. Dense and ours are timed as a decode
 engine runs them, captured in a CUDA graph (20 calls a replay, cycling over
 enough copies of the weight that none is found in L2, as in a model);
 gather cannot be captured (its index count needs the host) and is timed
@@ -95,10 +97,13 @@ def layer_rows() -> tuple[list[dict], dict]:
             row = {"layer": label, "n": n, "k": k, "sparsity": level, "active": int(keep.sum()),
                    **gemv_row(x, ws, wts, thr, ref, best), "gather_us": gather_us}
             row["gather_speedup"] = row["dense_us"] / gather_us
+            picked = gemv_row(x, ws, wts, thr, ref)  # what a layer runs: the configuration it measures for itself
+            row.update(dispatched_config=picked["config"], dispatched_us=picked["ours_us"], dispatched_speedup=picked["ours_speedup"])
             rows.append(row)
             print(f"{label:8} {n:>5}x{k:<5} {int(level * 100):>3}%: dense {row['dense_us']:6.1f} us, gather {gather_us:6.1f} us "
                   f"({row['gather_speedup']:.2f}x), ours {row['ours_us']:6.1f} us ({row['ours_speedup']:.2f}x) "
-                  f"err {row['error']:.1e} {vars(best)}", flush=True)
+                  f"err {row['error']:.1e} {best.key()}; as dispatched {row['dispatched_speedup']:.2f}x {row['dispatched_config']}",
+                  flush=True)
         del ws, wts
         torch.cuda.empty_cache()
     return rows, tuned
@@ -130,7 +135,7 @@ def end_to_end(layers: int, context: int, tuned: dict) -> dict:
             h.remove()
         for shape in {(m.out_features, m.in_features) for m in model.modules() if isinstance(m, nn.Linear)} - set(tuned):
             tuned[shape] = tune(*shape)
-            print(f"tuned {shape}: {vars(tuned[shape])}", flush=True)
+            print(f"tuned {shape}: {tuned[shape].key()}", flush=True)
         for name, threshold in medians.items():
             old = model.get_submodule(name)
             model.set_submodule(name, SparseInputLinear(old, torch.full((old.in_features,), threshold, device="cuda"),

@@ -210,3 +210,19 @@ def test_greedy_allocation_lands_on_the_target_per_layer(default_lm):
         assert abs(handle.measured_weight_sparsity() - 0.5) <= 0.03, handle.measured_weight_sparsity()
     finally:
         handle.remove()
+
+
+def test_gemv_configurations_round_trip_and_candidates():
+    from sparsa.kernels.gemv_dispatch import bucket, candidates
+    from sparsa.kernels.sparse_gemv import GemvConfig
+
+    for n, k in ((192, 576), (14336, 4096), (4096, 4096)):
+        tiles = candidates(n, k)
+        assert tiles[0] == GemvConfig.for_shape(n, k)  # never worse than the unmeasured default
+        assert len(set(tiles)) == len(tiles) >= 8
+        assert all(GemvConfig.from_key(c.key()) == c for c in tiles)
+    assert [bucket(m) for m in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    with pytest.raises(ValueError, match="power of two"):
+        GemvConfig(block_n=48)
+    with pytest.raises(ValueError, match="1 to 8"):
+        bucket(9)

@@ -80,6 +80,7 @@ def test_default_sweep_and_stable_ids():
     ("[axes]\nactivations = [{sparsity = 0.5}]", ["activations[0]", "method"]),
     ("[speed]\nmode = 'fast'", ["fast", "auto, predicted, measured"]),
     ("[sweep]\ndense = false", ["no configurations"]),
+    ("[speed]\ncuda_graph = 1", ["cuda_graph", "true or false"]),
     ("[sweep]\ndense = 'yes'", ["[sweep] dense", "true or false"]),
     ("[axes]\nweights = []", ["only the dense model", "[axes]"]),
     ("[eval]\nseq_len = 1024\nperplexity_tokens = 256", ["perplexity_tokens", "seq_len"]),

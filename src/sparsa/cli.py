@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear: 2:4 linear layers (dense vs stock vs ours); attention: sparse prefill attention "
                         "(SDPA vs our backends, and mask estimation); activations: the activation-sparse GEMV vs dense")
     p.add_argument("--model", default="8B", choices=["8B", "70B"], help="linear, activations: Llama-3 layer shapes to use (default: 8B)")
-    p.add_argument("--shape", default=None, metavar="NxK", help="linear, activations: one layer shape instead, e.g. 4096x14336 (out x in)")
+    p.add_argument("--shape", default=None, metavar="NxK", help="linear, activations: one layer shape instead, e.g. 4096x14336 "
+                   "(out x in); activations takes a comma-separated list, e.g. 576x576,192x576 (SmolLM2-135M's q and k)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"], help="linear: weight and input dtype (default: bf16)")
     p.add_argument("--tokens", default="1,16,64,128,1024,4096,16384", help="linear: comma-separated token counts M (default: 1,16,64,128,1024,4096,16384)")
     p.add_argument("--rep-ms", type=_positive, default=30, help="linear: timing per measurement in ms (default: 30)")
@@ -485,6 +486,10 @@ def cmd_bench(args) -> int:
 
         atomic_write_text(args.json_out, json.dumps({**environment(), **result}, indent=1, default=str))
         _say(f"wrote {args.json_out}")
+    if result.get("goals"):
+        from .benchmarking import print_goals
+
+        print_goals(result["goals"])
     return 0 if result.get("wrong", 0) == 0 else 1
 
 
@@ -557,9 +562,9 @@ def _bench_activations(args) -> dict:
     from .kernels import bench_gemv as bg
 
     levels = _fractions(args.activation_sparsity, "--activation-sparsity")
-    shapes = [("custom", *_shape(args.shape))] if args.shape else bg.SHAPES[args.model]
+    shapes = [(text, *_shape(text)) for text in args.shape.split(",")] if args.shape else bg.SHAPES[args.model]
     _say(f"{torch.cuda.get_device_name()}, bf16, one token; CUDA-graph timed over weight copies that miss L2")
-    print(f"{'layer':8} {'N x K':>12} {'cut':>5} {'dense us':>9} {'ours us':>9} {'dense/ours':>10} {'error':>8}", flush=True)
+    print(f"{'layer':10} {'N x K':>12} {'cut':>5} {'dense us':>9} {'ours us':>9} {'dense/ours':>10} {'error':>8}  config", flush=True)
     rows, wrong = [], 0
     for label, n, k in shapes:
         x, ws, wts, g = bg.random_layer(n, k, n + k)
@@ -568,11 +573,11 @@ def _bench_activations(args) -> dict:
             row = {"layer": label, "n": n, "k": k, "sparsity": level, **bg.gemv_row(x, ws, wts, thr, ref)}
             wrong += row["error"] > 1e-2
             rows.append(row)
-            print(f"{label:8} {f'{n}x{k}':>12} {level:5.0%} {row['dense_us']:9.1f} {row['ours_us']:9.1f} "
-                  f"{row['ours_speedup']:9.2f}x {row['error']:8.1e}", flush=True)
+            print(f"{label:10} {f'{n}x{k}':>12} {level:5.0%} {row['dense_us']:9.1f} {row['ours_us']:9.1f} "
+                  f"{row['ours_speedup']:9.2f}x {row['error']:8.1e}  {row['config']}", flush=True)
         del ws, wts
         torch.cuda.empty_cache()
-    return {"rows": rows, "wrong": wrong}
+    return {"rows": rows, "wrong": wrong, "goals": bg.goals(rows)}
 
 
 def _train_settings(pairs: list[str]) -> dict:
@@ -659,14 +664,18 @@ examples:
 Each configuration (weights x attention x activations, and combinations)
 gets a fresh copy of the model, is made sparse, evaluated (perplexity;
 long-context and lm-eval tasks where the sweep names them) and timed: on a
-CUDA model speed is measured (prefill ms, decode tokens/s); otherwise it is
+CUDA model speed is measured (prefill ms; decode tokens/s, from a CUDA graph
+where the step captures, and eagerly as Hugging Face generate runs); otherwise it is
 PREDICTED from the GPU measurements stored in benchmarks/results/*.json.
 OUT/results.jsonl gets one line per configuration as it finishes; the report
 is OUT/frontier.png, OUT/report.html and the Pareto table printed here.
 
 sweep.toml (every key is checked; start from sparsa/frontier/default_sweep.toml):
-  [eval]      seq_len, perplexity_tokens, longctx_tasks, longctx_length, lm_eval_tasks ...
-  [speed]     mode = "auto" | "predicted" | "measured", prefill_tokens, decode_context
+  [eval]        text, seq_len, perplexity_tokens, longctx_tasks, longctx_length, lm_eval_tasks ...
+  [calibration] samples, seq_len, seed (pruning and activation thresholds)
+  [speed]       mode = "auto" | "predicted" | "measured", prefill_tokens, decode_context, decode_tokens,
+                cuda_graph = true (measured decode also replayed from a CUDA graph: the GPU's work)
+  [sweep]       dense = true, cross = false (every combination of the axes, or each entry alone)
   [axes]      weights = [{method = ["wanda", "sparsegpt"], pattern = "2:4"}]   # lists expand
               attention = [{method = "vertical_slash", vertical = 256, slash = 256, min_len = 1024}]
               activations = [{method = "cats", sparsity = [0.4, 0.5]}]

@@ -59,3 +59,54 @@ def test_sparse_input_linear_kernel_equals_masked_dense(tokens):
     out = layer(x)
     assert out.shape == (1, tokens, 768)
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_measured_configuration_is_cached_and_used(tmp_path, monkeypatch):
+    """A layer measures its launch configuration once per shape and token bucket, keeps the fastest, and is exact."""
+    import json
+
+    from sparsa.activations.kernel import SparseInputLinear
+    from sparsa.kernels import gemv_dispatch
+
+    monkeypatch.setenv("SPARSA_CACHE", str(tmp_path))
+    monkeypatch.setattr(gemv_dispatch._CACHE, "_memory", None)
+    g = torch.Generator(device="cuda").manual_seed(3)
+    linear = torch.nn.Linear(576, 192, bias=False, device="cuda", dtype=torch.bfloat16)
+    thr = torch.where(torch.rand(576, device="cuda", generator=g) < 0.5, 0.0, float("inf")).float()
+    layer = SparseInputLinear(linear, thr, sparsity=0.5)
+    x = torch.randn(1, 3, 576, device="cuda", generator=g).to(torch.bfloat16)
+    with torch.no_grad():
+        out = layer(x)
+    keep = x.double().abs() >= thr.double()
+    ref = (x.double() * keep) @ linear.weight.double().T
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+    entry = json.loads(gemv_dispatch.cache_path().read_text())["entries"]["192x576:m4:bfloat16:s0.50"]
+    sparse = {label: t for label, t in entry["times_us"].items() if label != "dense"}
+    assert len(sparse) >= 8 and not entry["errors"], entry
+    assert entry["config"] == min(sparse, key=sparse.get)
+    assert layer._configs[4].key() == entry["config"]
+
+
+@pytest.mark.parametrize("bias,thresholds", [(False, True), (True, False)])
+def test_prepared_driver_launches_take_fresh_inputs(bias, thresholds):
+    """After its first call a prepared GEMV launches through the CUDA driver; every later input is its own."""
+    from sparsa.kernels.sparse_gemv import PreparedGemv
+
+    g = torch.Generator(device="cuda").manual_seed(11)
+    m, n, k = 3, 700, 1000
+    w = (torch.randn(n, k, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+    b = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16) if bias else None
+    thr = torch.rand(k, device="cuda", generator=g) if thresholds else None
+    call = PreparedGemv(transpose_weight(w), b, thr, GemvConfig(32, 128, 1), m)
+    for i in range(4):
+        x = torch.randn(m, k, device="cuda", generator=g)
+        x[torch.rand(m, k, device="cuda", generator=g) < 0.5] = 0
+        x = x.to(torch.bfloat16)
+        if i == 3:  # a view on an odd offset: not 16-byte aligned, so Triton's launch takes it
+            x = torch.cat([x.new_zeros(1), x.flatten()])[1:].view(m, k)
+        keep = x.double() != 0 if thr is None else x.double().abs() >= thr.double()
+        ref = (x.double() * keep) @ w.double().T + (0 if b is None else b.double())
+        out = call(x)
+        assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2, i
+        if i == 1 and torch.version.hip is None:
+            assert call._launches, "the second call should launch through the driver"

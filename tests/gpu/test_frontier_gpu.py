@@ -30,3 +30,23 @@ def test_measured_sweep_times_the_sparse_kernels(tiny_dir, tmp_path):
     assert f"activation sparse GEMV: {7 * layers} layers" in records["activations=teal@0.5"]["speed"]["notes"]
     assert f"activation sparse GEMV: {layers} layers" in records["activations=cats@0.5"]["speed"]["notes"]  # down_proj
     assert any(n.startswith("2:4 kernels:") for n in records["weights=magnitude@2:4"]["speed"]["notes"])
+    for r in records.values():  # the tiny model's steps capture: decode is timed from CUDA graphs, and eagerly too
+        speed = r["speed"]
+        assert speed["decode_mode"] == "graph", speed.get("decode_graph_error")
+        assert math.isfinite(speed["decode_eager_speedup"]) and speed["decode_speedup"] == speed["decode_graph_speedup"]
+
+
+def test_graph_decoding_picks_the_tokens_eager_decoding_picks(tiny_dir):
+    """The captured step (static cache, position and token advanced in the graph) decodes as the eager loop does."""
+    from transformers import AutoModelForCausalLM
+
+    from sparsa.frontier.timing import GraphDecoder, eager_decode
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).cuda().eval()
+    ctx = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1)).cuda()
+    with torch.inference_mode():
+        eager, _ = eager_decode(model, ctx, 12)
+        decoder = GraphDecoder(model, ctx, 12)
+        assert decoder.tokens() == eager
+        assert decoder.tokens() == eager  # a second run starts again from the context
+        assert decoder.tok_s() > 0

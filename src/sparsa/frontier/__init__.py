@@ -51,7 +51,11 @@ def speed_note(records: list[dict]) -> str:
     sources = sorted({s for r in records for s in (r.get("speed") or {}).get("sources", [])})
     devices = sorted({(r.get("speed") or {}).get("device") for r in records if (r.get("speed") or {}).get("device")})
     if kinds == {"measured"}:
-        return f"speed measured on {', '.join(devices)}"
+        modes = [(r.get("speed") or {}).get("decode_mode", "eager") for r in records if r.get("status") == "ok"]
+        eager = modes.count("eager")
+        how = ("decode from CUDA graphs" if not eager else "decode eager, no CUDA graph" if eager == len(modes)
+               else f"decode from CUDA graphs, eager for {eager} configuration(s) whose step could not be captured")
+        return f"speed measured on {', '.join(devices)} ({how})"
     if "predicted" in kinds:
         src = ", ".join(f"benchmarks/results/{s}" for s in sources) or "no stored measurement applied"
         return f"speed PREDICTED by sparsa's cost model from stored GPU measurements ({src}), not measured here"

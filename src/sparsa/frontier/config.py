@@ -194,6 +194,7 @@ class Settings:
     prefill_tokens: int = 2048
     decode_context: int = 2048
     decode_tokens: int = 32  # steps timed when measuring decode
+    decode_graph: bool = True  # measured decode also replayed from a CUDA graph (the headline figure where it captures)
 
     def __post_init__(self) -> None:
         for name in ("seq_len", "longctx_length", "longctx_examples", "calibration_samples", "calibration_seq_len", "prefill_tokens", "decode_context", "decode_tokens"):
@@ -205,6 +206,8 @@ class Settings:
         if 0 < self.perplexity_tokens < self.seq_len:
             raise InputError(f"perplexity_tokens ({self.perplexity_tokens}) is less than one perplexity window (seq_len "
                              f"{self.seq_len}); raise perplexity_tokens (--max-tokens) or lower [eval] seq_len")
+        if not isinstance(self.decode_graph, bool):
+            raise InputError(f"[speed] cuda_graph must be true or false, got {self.decode_graph!r}")
         if self.speed not in ("auto", "predicted", "measured"):
             raise InputError(f"speed mode {self.speed!r} is not one of: auto, predicted, measured")
         for name in ("longctx_tasks", "lm_eval_tasks"):
@@ -249,7 +252,8 @@ _SETTINGS_KEYS = {
              "longctx_length": "longctx_length", "longctx_examples": "longctx_examples", "lm_eval_tasks": "lm_eval_tasks",
              "lm_eval_include_path": "lm_eval_include_path", "lm_eval_limit": "lm_eval_limit"},
     "calibration": {"samples": "calibration_samples", "seq_len": "calibration_seq_len", "seed": "seed"},
-    "speed": {"mode": "speed", "prefill_tokens": "prefill_tokens", "decode_context": "decode_context", "decode_tokens": "decode_tokens"},
+    "speed": {"mode": "speed", "prefill_tokens": "prefill_tokens", "decode_context": "decode_context", "decode_tokens": "decode_tokens",
+              "cuda_graph": "decode_graph"},
 }
 _SECTIONS = set(_SETTINGS_KEYS) | {"sweep", "axes", "combine"}
 _AXES = ("weights", "attention", "activations")

@@ -18,7 +18,6 @@ import datetime as _dt
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -155,76 +154,7 @@ def _speed_mode(settings: Settings, model) -> str:
     return "measured"
 
 
-MEASURE_ROUNDS = 6  # dense and the configuration, timed in alternation (an even count: each goes first as often)
-
-
-def _inputs(model, settings: Settings):
-    import torch
-
-    device = next(model.parameters()).device
-    vocab = model.config.get_text_config().vocab_size if hasattr(model.config, "get_text_config") else model.config.vocab_size
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (1, settings.prefill_tokens), generator=gen).to(device)
-    ctx = torch.randint(0, vocab, (1, settings.decode_context), generator=gen).to(device)
-    return ids, ctx
-
-
-def _one_round(model, settings: Settings, ids, ctx) -> tuple[float, float]:
-    """Prefill ms at ``prefill_tokens`` (CUDA-event median of 3) and decode tokens/s over ``decode_tokens`` steps."""
-    import torch
-
-    from ..benchmarking import cuda_median_ms
-
-    prefill_ms = cuda_median_ms(lambda: model(input_ids=ids, use_cache=False), reps=3, warmup=0)
-    out = model(input_ids=ctx, use_cache=True)
-    past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(settings.decode_tokens):
-        out = model(input_ids=token, past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    end.record()
-    torch.cuda.synchronize()
-    return prefill_ms, settings.decode_tokens / (start.elapsed_time(end) / 1000.0)
-
-
-def _measure(dense, model, settings: Settings) -> dict:
-    """Speedups of ``model`` over ``dense``, timed in alternation for ``MEASURE_ROUNDS`` rounds.
-
-    Each speedup is the median of the per-round ratios, so a drift in clocks
-    or in the host's load (eager decoding of a small model is bound by the
-    CPU that issues the kernels) moves both sides of a ratio alike, and the
-    two swap places every round, since whichever runs second can find the
-    host warmer. ``*_range`` gives the smallest and largest ratio of the rounds.
-    """
-    import torch
-
-    ids, ctx = _inputs(dense, settings)
-    models = (dense, model) if model is not dense else (dense,)
-    with torch.inference_mode():
-        for m in models:  # warm-up: first calls pay for kernel selection, compilation and caches
-            _one_round(m, settings, ids, ctx)
-        rounds = []
-        for i in range(MEASURE_ROUNDS):
-            order = models if i % 2 == 0 else models[::-1]
-            timed = {id(m): _one_round(m, settings, ids, ctx) for m in order}
-            rounds.append([timed[id(m)] for m in models])
-    d_pre, d_dec = (statistics.median(r[0][i] for r in rounds) for i in (0, 1))
-    if model is dense:
-        return {"prefill_speedup": 1.0, "decode_speedup": 1.0, "prefill_ms": d_pre, "decode_tok_s": d_dec,
-                "dense_prefill_ms": d_pre, "dense_decode_tok_s": d_dec}
-    pre = [r[0][0] / r[1][0] for r in rounds]
-    dec = [r[1][1] / r[0][1] for r in rounds]
-    return {
-        "prefill_speedup": statistics.median(pre), "decode_speedup": statistics.median(dec),
-        "prefill_speedup_range": [min(pre), max(pre)], "decode_speedup_range": [min(dec), max(dec)],
-        "prefill_ms": statistics.median(r[1][0] for r in rounds), "decode_tok_s": statistics.median(r[1][1] for r in rounds),
-        "dense_prefill_ms": d_pre, "dense_decode_tok_s": d_dec,
-    }
-
-
-def _measured_speed(base, model, settings: Settings, weights_24: bool, activations=None) -> dict:
+def _measured_speed(base, model, settings: Settings, weights_24: bool, activations=None, attention: dict | None = None) -> dict:
     """Measured speedups over the dense model (``model is base.model`` for dense itself).
 
     The sparse model is timed on its kernels: the activation-sparse GEMV for
@@ -246,7 +176,12 @@ def _measured_speed(base, model, settings: Settings, weights_24: bool, activatio
             notes.append(f"2:4 kernels: {len(report.get('replaced', []))} layers replaced" + (f" ({report['reason']})" if report.get("reason") else ""))
         except Exception as e:  # noqa: BLE001 - measured as it is, and said
             notes.append(f"2:4 kernels not used: {type(e).__name__}: {e}"[:200])
-    return {"kind": "measured", "device": torch.cuda.get_device_name(), **_measure(base.model, model, settings),
+    from .timing import MEASURE_ROUNDS, measure
+
+    no_graph = None
+    if attention is not None and attention["phase"] in ("both", "decode"):
+        no_graph = "sparse attention on decode steps runs with a dynamic KV cache only (a static cache's mask takes the dense path)"
+    return {"kind": "measured", "device": torch.cuda.get_device_name(), **measure(base.model, model, settings, no_graph),
             "rounds": MEASURE_ROUNDS, "notes": notes}
 
 
@@ -318,8 +253,10 @@ def evaluate_config(config: Config, settings: Settings, *, source: str | None = 
         probe.remove()
 
         if _speed_mode(settings, lm.model) == "measured":
+            if handle is not None:
+                handle.track = False  # counting zeros syncs with the host at every cut
             timed = base.model if config.is_dense else lm.model
-            record["speed"] = _measured_speed(base, timed, settings, bool(config.weights and config.weights.pattern == "2:4"), handle)
+            record["speed"] = _measured_speed(base, timed, settings, bool(config.weights and config.weights.pattern == "2:4"), handle, attention)
         else:
             from ..activations.kernel import sparse_input_layers
             from .costmodel import model_cost, predict

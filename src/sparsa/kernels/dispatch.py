@@ -36,7 +36,7 @@ the slower of its two times, dense the faster of its three.
 Tokens are bucketed up to the next power of two (1, 2, 4, ..., 16384; more
 than 16384 tokens use the 16384 decision).
 
-Cache file: ``<cache_dir>/dispatch-<gpu-name>.json`` (``cache_dir()`` from
+Cache file (a :class:`~sparsa.kernels.decisions.DecisionCache`): ``<cache_dir>/dispatch-<gpu-name>.json`` (``cache_dir()`` from
 :mod:`sparsa.models.loading`, ``$SPARSA_CACHE`` or ``~/.cache/sparsa``)::
 
     {"format": 6, "device": "NVIDIA H100 80GB HBM3",
@@ -55,17 +55,14 @@ Triton up to 64 tokens, else cuSPARSELt from 1024, else dense (not cached).
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
-import os
-import re
 import statistics
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .decisions import DecisionCache
 
 __all__ = ["BUCKETS", "MARGIN", "Plan", "bucket", "cache_path", "choose", "flush_l2", "plan_for", "time_us"]
 
@@ -161,62 +158,9 @@ def _versions() -> dict:
     return v
 
 
-def _device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-
-
-def cache_path() -> Path:
-    from ..models.loading import cache_dir
-
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", _device_name()).strip("-")
-    return cache_dir() / f"dispatch-{slug}.json"
-
-
-_MEMORY: dict[str, dict] | None = None
-
-
-def _use_disk() -> bool:
-    return os.environ.get("SPARSA_DISPATCH_CACHE", "1") != "0"
-
-
-def _read_file() -> dict[str, dict]:
-    path = cache_path()
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    if doc.get("format") != FORMAT or doc.get("versions") != _versions() or doc.get("device") != _device_name():
-        return {}
-    entries = doc.get("entries")
-    return entries if isinstance(entries, dict) else {}
-
-
-def _entries() -> dict[str, dict]:
-    global _MEMORY
-    if _MEMORY is None:
-        _MEMORY = _read_file() if _use_disk() else {}
-    return _MEMORY
-
-
-def _store(key: str, entry: dict) -> None:
-    _entries()[key] = entry
-    if not _use_disk():
-        return
-    from ..models.saving import atomic_write_text
-
-    merged = _read_file()  # another process may have added entries meanwhile
-    merged.update(_entries())
-    doc = {"format": FORMAT, "device": _device_name(), "versions": _versions(), "entries": dict(sorted(merged.items()))}
-    try:
-        atomic_write_text(cache_path(), json.dumps(doc, indent=1) + "\n")
-    except OSError as exc:  # a read-only cache only costs re-measuring
-        warnings.warn(f"sparsa: could not write the 2:4 dispatch cache {cache_path()}: {exc}", RuntimeWarning)
-
-
-def clear_memory() -> None:
-    """Forget the decisions held in memory (the file stays)."""
-    global _MEMORY
-    _MEMORY = None
+_CACHE = DecisionCache("dispatch", FORMAT, _versions, "2:4 dispatch")
+cache_path = _CACHE.path
+clear_memory = _CACHE.clear_memory
 
 
 def _key(n: int, k: int, m_bucket: int, dtype: torch.dtype) -> str:
@@ -364,7 +308,7 @@ def _unmeasured(layer, m_bucket: int) -> Plan:
 def plan_for(layer, m_bucket: int) -> Plan:
     """The (cached) plan of ``layer``'s shape and dtype at ``m_bucket`` tokens, measuring it if new."""
     key = _key(layer.out_features, layer.in_features, m_bucket, layer.values.dtype)
-    entry = _entries().get(key)
+    entry = _CACHE.get(key)
     if entry is not None:
         plan = Plan.from_dict(entry)
         if all(p in plan.times_us for p in layer.available_paths()):
@@ -372,7 +316,7 @@ def plan_for(layer, m_bucket: int) -> Plan:
     if torch.cuda.is_current_stream_capturing():
         return _unmeasured(layer, m_bucket)
     plan = measure(layer, m_bucket)
-    _store(key, plan.as_dict())
+    _CACHE.put(key, plan.as_dict())
     return plan
 
 
@@ -388,7 +332,7 @@ def choose(n: int, k: int, m_bucket: int, dtype: torch.dtype) -> str:
         raise InputError(f"token bucket {m_bucket} is not one of {BUCKETS}; use dispatch.bucket(tokens)")
     if not torch.cuda.is_available():
         return "dense"
-    entry = _entries().get(_key(n, k, m_bucket, dtype))
+    entry = _CACHE.get(_key(n, k, m_bucket, dtype))
     if entry is not None:
         return Plan.from_dict(entry).best()
     from .sparse24 import SparseLinear24, random_24_linear

@@ -29,12 +29,15 @@ error, so callers must check devices first (``SparseLinear24`` does).
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import threading
 
 import torch
 
-__all__ = ["DriverLaunch", "LaunchError", "entry_params"]
+__all__ = ["DRIVER_LAUNCH", "DriverLaunch", "LaunchError", "entry_params"]
+
+DRIVER_LAUNCH = os.environ.get("SPARSA_DRIVER_LAUNCH", "1") != "0"  # 0: always launch through Triton
 
 _CUDA: ctypes.CDLL | None = None
 _SCRATCH = ("global_scratch_size", "profile_scratch_size")  # Triton's scratch buffers, one pointer each

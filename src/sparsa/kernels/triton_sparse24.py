@@ -49,7 +49,7 @@ from typing import Callable
 import torch
 
 from ._triton import HAVE_TRITON, tl, triton
-from .launch import DriverLaunch, LaunchError
+from .launch import DRIVER_LAUNCH, DriverLaunch, LaunchError
 from .splitk import finish, workspace
 
 __all__ = [
@@ -99,8 +99,7 @@ _PRMT = os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None
 # PreparedCall launches compiled kernels with every argument in signature order, constexprs included: what
 # Triton 3's launchers take (read in 3.6 and 3.9); other versions always go through kernel[grid](...)
 _DIRECT_LAUNCH = HAVE_TRITON and triton.__version__.split(".")[0] == "3"
-# ... and, where the compiled kernel allows, through the CUDA driver itself (SPARSA_DRIVER_LAUNCH=0: never)
-DRIVER_LAUNCH = os.environ.get("SPARSA_DRIVER_LAUNCH", "1") != "0"
+# ... and, where the compiled kernel allows, through the CUDA driver itself (launch.DRIVER_LAUNCH)
 
 
 @dataclass(frozen=True)
