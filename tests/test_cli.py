@@ -173,6 +173,14 @@ def test_attention_flags_fail_in_one_line(capsys, tiny_dir):
     (["--tasks", ","], ["names no task"]),
     (["--activations", "bogus"], ["bogus", "choose one of"]),
     (["--attention", "streaming", "--attention-set", "sink_blocks=1.5"], ["sink_blocks", "whole number"]),
+    # options that do nothing without the option that enables them
+    (["--activation-sparsity", "0.4"], ["--activation-sparsity has no effect without --activations METHOD"]),
+    (["--activation-allocation", "greedy"], ["--activation-allocation", "--activations"]),
+    (["--lengths", "2048"], ["--lengths has no effect without --longctx"]),
+    (["--limit", "5"], ["--limit", "--tasks"]),
+    (["--attention-set", "vertical=1"], ["--attention-set", "--attention PATTERN"]),
+    (["--attention-min-len", "64"], ["--attention-min-len", "--attention"]),
+    (["--longctx", "needle", "--tasks", "hellaswag"], ["--longctx and --tasks", "one at a time"]),
 ])
 def test_eval_options_are_checked_before_the_model_loads(capsys, argv, needles):
     code, _, err = run_cli(capsys, "eval", "/nonexistent/model/dir", *argv)  # the model error would come second
@@ -190,6 +198,42 @@ def test_an_nm_pattern_implies_its_sparsity_and_an_explicit_one_must_agree(capsy
     assert PruneConfig(pattern="1:4").sparsity == 0.75 and PruneConfig().sparsity == 0.5
     code, _, err = run_cli(capsys, "prune", "--pattern", "1:4", "--sparsity", "0.5")  # fails before the model loads
     assert_one_line_error(code, err, "1:4 means sparsity 0.75, not 0.5")
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["prune", "--dsnot-base", "sparsegpt"], ["--dsnot-base has no effect with --method wanda", "--method dsnot"]),
+    (["prune", "--method", "dsnot", "--dsnot-base", "dsnot"], ["cannot be dsnot itself"]),
+    (["prune", "--method", "dsnot", "--dsnot-base", "bogus"], ["--dsnot-base", "bogus", "choose one of"]),
+    (["prune", "--heads", "0.25"], ["--heads", "--pattern structured"]),
+    (["train", "--prune", "wanda", "--teacher", "some/model"], ["--teacher has no effect", "drop one"]),
+])
+def test_prune_and_train_options_are_checked_before_the_model_loads(capsys, argv, needles):
+    code, _, err = run_cli(capsys, argv[0], "/nonexistent/model/dir", *argv[1:])  # the model error would come second
+    assert_one_line_error(code, err, *needles)
+
+
+def test_an_error_under_a_progress_bar_starts_its_own_line(capsys, monkeypatch):
+    from tqdm import tqdm
+
+    from sparsa import cli
+    from sparsa.errors import InputError
+
+    def interrupted(args):
+        bar = tqdm(total=10, desc="layers")  # (a bar looped over directly is closed as the loop unwinds)
+        for i in range(10):
+            bar.update()
+            if i == 3:
+                raise InputError("layer 3 is broken; fix it")
+        return 0
+
+    monkeypatch.setitem(cli.COMMANDS, "inspect", interrupted)
+    code, _, err = run_cli(capsys, "inspect")
+    assert code == 2 and err.splitlines()[-1] == "sparsa: error: layer 3 is broken; fix it", err
+
+
+def test_skip_patterns_must_match_a_layer(capsys, tiny_dir):
+    code, _, err = run_cli(capsys, "prune", str(tiny_dir), "--skip", "lm_head", "down_projj", "--no-eval")
+    assert_one_line_error(code, err, "--skip 'down_projj' matches no linear layer", "inspect")
 
 
 def test_train_settings_are_typed(capsys, tiny_dir):

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparsa.errors import InputError
 from sparsa.frontier import Config, ResultStore, load_sweep, parse_sweep
@@ -306,3 +307,21 @@ def test_ray_gives_the_same_results_as_local(local_run, tiny_dir, tiny_sweep_fil
         assert r["status"] == "ok", r.get("error")
         assert r["perplexity"] == pytest.approx(local[r["id"]]["perplexity"], rel=1e-4)
         assert r["speed"]["prefill_speedup"] == pytest.approx(local[r["id"]]["speed"]["prefill_speedup"], rel=1e-9)
+
+
+@pytest.mark.parametrize("phase, graphed", [("both", False), ("decode", False), ("prefill", True), (None, True)])
+def test_sparse_attention_on_decode_steps_is_timed_eagerly(monkeypatch, phase, graphed):
+    """A static KV cache passes an attention mask, which sparse attention answers densely: no graph for such decoding."""
+    from types import SimpleNamespace
+
+    from sparsa.frontier import sweep, timing
+    from sparsa.frontier.config import Settings
+
+    seen = []
+    monkeypatch.setattr(timing, "measure", lambda dense, model, settings, no_graph=None: seen.append(no_graph) or {})
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "a GPU")
+    attention = None if phase is None else {"method": "streaming", "min_len": 1024, "phase": phase}
+    sweep._measured_speed(SimpleNamespace(model=None), None, Settings(), False, None, attention)
+    assert (seen[0] is None) == graphed
+    if not graphed:
+        assert "dynamic KV cache" in seen[0]

@@ -165,3 +165,14 @@ def test_sample_and_length_errors_name_the_option():
         PruneConfig(seq_len=4)
     with pytest.raises(InputError, match="--samples / n_samples must be at least 1"):
         PruneConfig(n_samples=0)
+
+
+def test_prune_checks_its_compute_device(tiny_lm):
+    import sparsa
+    from sparsa.errors import InputError
+
+    with pytest.raises(InputError, match="unknown device"):
+        sparsa.prune(tiny_lm, device="tpu", n_samples=2, seq_len=32)
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="CUDA is not available"):
+            sparsa.prune(tiny_lm, device="cuda", n_samples=2, seq_len=32)

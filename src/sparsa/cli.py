@@ -13,6 +13,20 @@ from typing import Sequence
 
 from .errors import InputError, SparsaError, require
 
+EPILOG_MAIN = """\
+start here (the embedded SmolLM2-135M-Instruct, offline):
+  sparsa prune                                   # Wanda 50%, perplexity before/after
+  sparsa prune --method sparsegpt --pattern 2:4 --out pruned
+  sparsa inspect pruned --layers                 # sparsity and pattern per layer
+  sparsa eval pruned --activations teal --activation-sparsity 0.4
+  sparsa frontier                                # which sparsity buys the most speed for the least accuracy
+  sparsa bench linear                            # 2:4 kernels against dense on this GPU
+
+prune, eval, inspect, train and frontier take a model as their first argument:
+a Hugging Face directory, a .gguf file or a hub id (default: the embedded
+model). 'sparsa COMMAND --help' explains each command, with examples.
+"""
+
 EPILOG_PRUNE = """\
 examples:
   sparsa prune                                   # Wanda 50% on the embedded SmolLM2-135M, before/after table
@@ -142,7 +156,7 @@ def _eval_args(p: argparse.ArgumentParser, prefix: str = "") -> None:
 def _attention_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default=None, metavar="PATTERN", help="sparse attention pattern: streaming, vertical_slash, antidiagonal, flexprefill, quest")
     p.add_argument("--attention-set", nargs="*", default=[], metavar="KEY=VALUE", help="pattern settings, e.g. vertical=1024 slash=2048 (see sparsa.attention)")
-    p.add_argument("--attention-min-len", type=_positive, default=4096, help="keys below which attention stays dense (default: 4096)")
+    p.add_argument("--attention-min-len", type=_positive, default=None, help="keys below which attention stays dense (default: 4096)")
     p.add_argument("--attention-layers", default=None, help="comma-separated decoder layers made sparse (default: all; negative counts from the end)")
 
 
@@ -176,10 +190,17 @@ def _int_list(text: str, flag: str, positive: bool = False) -> list[int]:
     return values
 
 
+def _only_with(args, enabler: str, enabler_flag: str, *options: tuple[str, str]) -> None:
+    """Refuse options that do nothing unless ``enabler`` is given (their parser defaults, None or [], mean unset)."""
+    if getattr(args, enabler):
+        return
+    for dest, flag in options:
+        if getattr(args, dest) not in (None, []):
+            raise InputError(f"{flag} has no effect without {enabler_flag}; add {enabler_flag} or drop {flag}")
+
+
 def _apply_attention(lm, args) -> None:
     if not args.attention:
-        if args.attention_set:
-            raise InputError("--attention-set needs --attention PATTERN")
         return
     from .attention import apply
 
@@ -192,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .prune.base import METHODS
 
-    parser = _Parser(prog="sparsa", description="Make transformer models sparse, and measure what that buys.")
+    parser = _Parser(prog="sparsa", description="Make transformer models sparse, and measure what that buys.", epilog=EPILOG_MAIN,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"sparsa {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
@@ -208,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_positive, default=64, help="calibration sequences (default: 64)")
     p.add_argument("--seq-len", type=_positive, default=512, help="tokens per calibration sequence (default: 512)")
     p.add_argument("--seed", type=int, default=0, help="seed for drawing calibration samples (default: 0)")
-    p.add_argument("--dsnot-base", default="wanda", help="with --method dsnot: the method whose mask DSnoT refines (default: wanda)")
+    p.add_argument("--dsnot-base", default=None, help="with --method dsnot: the method whose mask DSnoT refines (default: wanda)")
     p.add_argument("--compute-device", default=None, help="device that runs each layer while the model stays on --device (e.g. cuda with --device cpu)")
     _run_output_args(p, "write a checkpoint after each layer here", "pruned")
 
@@ -220,12 +242,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive, default=None, help="at most this many examples per task")
     p.add_argument("--json", dest="json_out", default=None, help="also write the results to this JSON file")
     p.add_argument("--longctx", default=None, metavar="TASKS", help="comma-separated long-context tasks instead of perplexity (needle, multikey, multivalue, variable_tracking, common_words)")
-    p.add_argument("--lengths", default="4096", help="with --longctx: prompt lengths in tokens, comma-separated (default: 4096)")
-    p.add_argument("--examples", type=_positive, default=4, help="with --longctx: examples per task and length (default: 4)")
+    p.add_argument("--lengths", default=None, help="with --longctx: prompt lengths in tokens, comma-separated (default: 4096)")
+    p.add_argument("--examples", type=_positive, default=None, help="with --longctx: examples per task and length (default: 4)")
     _attention_args(p)
     p.add_argument("--activations", default=None, metavar="METHOD", help="activation sparsity during the evaluation: teal, wina, wina_fisher or cats (calibrated on the shipped text)")
-    p.add_argument("--activation-sparsity", type=_unit_interval, default=0.5, help="with --activations: fraction of activations zeroed, in [0, 1) (default: 0.5)")
-    p.add_argument("--activation-allocation", choices=["uniform", "greedy"], default="uniform",
+    p.add_argument("--activation-sparsity", type=_unit_interval, default=None, help="with --activations: fraction of activations zeroed, in [0, 1) (default: 0.5)")
+    p.add_argument("--activation-allocation", choices=["uniform", "greedy"], default=None,
                    help="with --activations: every layer input at the same sparsity, or a greedy per-layer search "
                         "(TEAL's; minutes on CPU) that gives more to the inputs whose cut moves the layer least (default: uniform)")
 
@@ -304,14 +326,16 @@ def cmd_prune(args) -> int:
     from .models import check_output, save_model
     from .prune.config import PruneConfig
 
+    if args.dsnot_base and args.method != "dsnot":
+        raise InputError(f"--dsnot-base has no effect with --method {args.method}; add --method dsnot or drop --dsnot-base")
     config = PruneConfig(
         method=args.method, sparsity=args.sparsity, pattern=args.pattern, calibration=args.calibration,
         n_samples=args.samples, seq_len=args.seq_len, seed=args.seed, skip=tuple(args.skip), owl=args.owl,
-        head_sparsity=args.heads, dsnot_base=args.dsnot_base,
+        head_sparsity=args.heads, dsnot_base=args.dsnot_base or "wanda",
     )
     if args.out:
         check_output(args.out, args.force)  # fail now, not after the work
-    if args.compute_device:
+    if args.compute_device:  # (prune checks it too; here it fails before the model loads)
         from .models.loading import check_device
 
         check_device(args.compute_device, "--compute-device")
@@ -349,6 +373,18 @@ def cmd_eval(args) -> int:
     from .api import evaluate, evaluate_tasks
 
     # everything that can be checked without the model is checked before loading it
+    _only_with(args, "activations", "--activations METHOD", ("activation_sparsity", "--activation-sparsity"),
+               ("activation_allocation", "--activation-allocation"))
+    _only_with(args, "longctx", "--longctx TASKS", ("lengths", "--lengths"), ("examples", "--examples"))
+    _only_with(args, "tasks", "--tasks TASKS", ("include_path", "--include-path"), ("limit", "--limit"))
+    _only_with(args, "attention", "--attention PATTERN", ("attention_set", "--attention-set"),
+               ("attention_min_len", "--attention-min-len"), ("attention_layers", "--attention-layers"))
+    if args.longctx and args.tasks:
+        raise InputError("--longctx and --tasks are two different evaluations; run them one at a time")
+    args.activation_sparsity = 0.5 if args.activation_sparsity is None else args.activation_sparsity
+    args.activation_allocation = args.activation_allocation or "uniform"
+    args.lengths, args.examples = args.lengths or "4096", args.examples or 4
+    args.attention_min_len = args.attention_min_len or 4096
     if args.json_out:
         from .models import check_file_output
 
@@ -615,6 +651,8 @@ def cmd_train(args) -> int:
     )
     if args.resume and not args.checkpoint_dir:
         raise InputError("--resume needs --checkpoint-dir (the directory the interrupted run wrote)")
+    if args.prune and args.teacher:
+        raise InputError("--prune makes the dense model the teacher, so --teacher has no effect with it; drop one of them")
     if args.out:
         check_output(args.out, args.force)
     lm = _load(args)
@@ -713,6 +751,16 @@ def cmd_frontier(args) -> int:
 COMMANDS["frontier"] = cmd_frontier
 
 
+def _close_progress_bars() -> None:
+    """End the progress bars an error interrupted, so that its message starts on a line of its own."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
@@ -722,15 +770,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         return COMMANDS[args.command](args)
     except SparsaError as e:
+        _close_progress_bars()
         print(f"sparsa: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("sparsa: interrupted (a run with --checkpoint-dir continues with --resume)", file=sys.stderr)
         return 130
     except Exception as e:  # never a traceback for the user, unless asked
         if os.environ.get("SPARSA_DEBUG"):
             raise
         first = (str(e).strip().splitlines() or [""])[0][:300]
+        _close_progress_bars()
         print(f"sparsa: internal error: {type(e).__name__}: {first} (rerun with SPARSA_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
         return 1
 

@@ -50,6 +50,18 @@ class PruneConfig:
         require(self.blocksize >= 1, f"blocksize must be positive, got {self.blocksize}")
         require(self.damp > 0, f"damp must be positive, got {self.damp}")
         require(0 <= self.head_sparsity < 1, f"head_sparsity must be in [0, 1), got {self.head_sparsity}")
+        require(self.head_sparsity == 0 or self.pattern == "structured",
+                f"head_sparsity (--heads) removes attention heads, which only --pattern structured does; "
+                f"drop it or prune with pattern structured (this pattern is {self.pattern})")
+        from . import METHODS  # (the package registers every method; imported here, after it is initialised)
+
+        METHODS.get(self.method)
+        if self.method == "dsnot":
+            require(self.dsnot_base != "dsnot", "--dsnot-base cannot be dsnot itself; choose a base such as wanda, sparsegpt or magnitude")
+            try:
+                METHODS.get(self.dsnot_base)
+            except InputError as e:
+                raise InputError(f"--dsnot-base: {e}") from None
         require(0 < self.owl_lambda < 1, f"owl_lambda must be in (0, 1), got {self.owl_lambda}")
         if isinstance(self.skip, list):  # accept lists from callers, store a tuple
             object.__setattr__(self, "skip", tuple(self.skip))

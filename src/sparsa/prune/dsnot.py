@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import require
 from .base import METHODS, InputStats, LayerPruner
 from .patterns import require_nm_fits
 from .wanda import wanda_scores
@@ -56,10 +55,6 @@ class DSnoT(LayerPruner):
 
     def __init__(self, layer, config, name) -> None:
         super().__init__(layer, config, name)
-        require(
-            config.dsnot_base != "dsnot",
-            "--dsnot-base cannot be dsnot itself; choose a base such as wanda, sparsegpt or magnitude",
-        )
         self.base = METHODS.get(config.dsnot_base)(layer, config, name)
         self.stats = InputStats(self.columns, self.device)
 

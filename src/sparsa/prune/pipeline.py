@@ -70,6 +70,10 @@ def prune_model(
     """
     model = lm.model
     adapter = adapter_for(model)
+    if device is not None:
+        from ..models.loading import check_device
+
+        check_device(device, "device (--compute-device)")
     device = device or str(next(model.parameters()).device)
     started = time.perf_counter()
     targets = _targets(model, adapter, config)
@@ -117,6 +121,11 @@ def prune_model(
 
 def _targets(model: nn.Module, adapter, config: PruneConfig) -> list[dict[str, nn.Linear]]:
     """Per decoder layer, the linears to prune (qualified name -> module), --skip applied."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for pattern in config.skip:
+        if pattern != "lm_head" and not any(_skipped(name, (pattern,)) for name in names):  # (lm_head: the default)
+            raise InputError(f"--skip {pattern!r} matches no linear layer of this model; give exact names, suffixes such as "
+                             "down_proj or globs such as 'model.layers.0.*' (sparsa inspect MODEL --layers lists them)")
     out = []
     for i, layer in enumerate(adapter.layers(model)):
         linears = linear_layers(layer, adapter.layer_prefix(i))
