@@ -59,6 +59,22 @@ def test_pareto_on_hand_made_points():
     assert pareto_indices([]) == []
 
 
+def test_a_measured_speedup_within_noise_of_dense_is_not_on_the_front():
+    from sparsa.frontier.report import frontier_rows
+
+    def record(id_, ppl, prefill, bounds=None):
+        speed = {"kind": "measured", "prefill_speedup": prefill, "decode_speedup": 1.0}
+        if bounds:
+            speed["prefill_speedup_range"] = bounds
+        return {"id": id_, "status": "ok", "perplexity": ppl, "speed": speed}
+
+    rows = frontier_rows([record("dense", 10.0, 1.0), record("noisy", 12.0, 1.05, [0.95, 1.2]),
+                          record("faster", 13.0, 1.04, [1.02, 1.06]), record("predicted", 14.0, 1.5)])
+    front = {r.id: r.on_prefill_front for r in rows}
+    assert front == {"dense": True, "noisy": False, "faster": True, "predicted": True}
+    assert rows[1].prefill == 1.05  # the table keeps the median
+
+
 # -- sweep files ----------------------------------------------------------------------------------
 
 def test_default_sweep_and_stable_ids():

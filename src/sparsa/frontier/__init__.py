@@ -79,7 +79,8 @@ def write_report(records: list[dict], out: str | os.PathLike, *, model_name: str
                     f"{settings.get('decode_context')}-token context"
                     + (f"; long-context tasks ({', '.join(settings.get('longctx_tasks'))}) at {settings.get('longctx_length')} tokens"
                        if settings.get("longctx_tasks") else ""))
-    meta.append("Bold rows are on the Pareto frontier of perplexity against prefill or decode speedup.")
+    meta.append("Bold rows are on the Pareto frontier of perplexity against prefill or decode speedup. A measured speedup "
+                "whose rounds straddle 1.0 counts as 1.0 there: it is not told apart from dense.")
     html = report.write_html(rows, png, out / "report.html", title, meta)
     if print_table:
         report.print_table(rows, f"{model_name}: Pareto frontier ({note.split(' (')[0] if note else 'speed'})", all_rows=all_rows)

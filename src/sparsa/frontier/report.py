@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .pareto import pareto_indices
 
-__all__ = ["Row", "frontier_rows", "plot", "print_table", "write_html"]
+__all__ = ["Row", "front_speed", "frontier_rows", "plot", "print_table", "write_html"]
 
 FRONTIER_COLOUR = "#d62728"  # the frontier line; tests look for it in a screenshot
 POINT_COLOUR = "#1f77b4"
@@ -54,8 +54,18 @@ def _num(value) -> float:
     return float(value) if isinstance(value, (int, float)) and value is not None else math.nan
 
 
+def front_speed(speed: dict, name: str) -> float:
+    """The ``name`` speedup the Pareto sets compare. A measured speedup whose per-round ratios straddle 1.0 is
+    not told apart from dense and counts as 1.0 (the table still shows the median)."""
+    value = _num(speed.get(f"{name}_speedup"))
+    bounds = speed.get(f"{name}_speedup_range")
+    if bounds and min(bounds) <= 1.0 <= max(bounds):
+        return 1.0
+    return value
+
+
 def frontier_rows(records: list[dict]) -> list[Row]:
-    """One row per record, with the dense ratio and both Pareto memberships."""
+    """One row per record, with the dense ratio and both Pareto memberships (on :func:`front_speed`)."""
     dense = next((r for r in records if r["id"] == "dense" and r.get("status") == "ok"), None)
     base = _num(dense.get("perplexity")) if dense else math.nan
     rows = []
@@ -73,7 +83,7 @@ def frontier_rows(records: list[dict]) -> list[Row]:
         ))
     ok = [i for i, row in enumerate(rows) if row.status == "ok"]
     for name, _ in SPEEDS:
-        points = [(getattr(rows[i], name), rows[i].perplexity) for i in ok]
+        points = [(front_speed(records[i].get("speed") or {}, name), rows[i].perplexity) for i in ok]
         for k in pareto_indices(points, higher_x=True, higher_y=False):
             setattr(rows[ok[k]], f"on_{name}_front", True)
     return rows
