@@ -702,9 +702,10 @@ examples:
 Each configuration (weights x attention x activations, and combinations)
 gets a fresh copy of the model, is made sparse, evaluated (perplexity;
 long-context and lm-eval tasks where the sweep names them) and timed: on a
-CUDA model speed is measured (prefill ms; decode tokens/s, from a CUDA graph
-where the step captures, and eagerly as Hugging Face generate runs); otherwise it is
-PREDICTED from the GPU measurements stored in benchmarks/results/*.json.
+CUDA model speed is measured (prefill ms; decode tokens/s from a CUDA graph
+where the step captures, and eagerly, as Hugging Face generate runs);
+otherwise it is PREDICTED from the GPU measurements stored in
+benchmarks/results/*.json.
 OUT/results.jsonl gets one line per configuration as it finishes; the report
 is OUT/frontier.png, OUT/report.html and the Pareto table printed here.
 
@@ -714,11 +715,11 @@ sweep.toml (every key is checked; start from sparsa/frontier/default_sweep.toml)
   [speed]       mode = "auto" | "predicted" | "measured", prefill_tokens, decode_context, decode_tokens,
                 cuda_graph = true (measured decode also replayed from a CUDA graph: the GPU's work)
   [sweep]       dense = true, cross = false (every combination of the axes, or each entry alone)
-  [axes]      weights = [{method = ["wanda", "sparsegpt"], pattern = "2:4"}]   # lists expand
-              attention = [{method = "vertical_slash", vertical = 256, slash = 256, min_len = 1024}]
-              activations = [{method = "cats", sparsity = [0.4, 0.5]}]
-  [[combine]] weights = {method = "wanda", pattern = "2:4"}
-              activations = {method = "cats", sparsity = 0.5}
+  [axes]        weights = [{method = ["wanda", "sparsegpt"], pattern = "2:4"}]   # lists expand
+                attention = [{method = "vertical_slash", vertical = 256, slash = 256, min_len = 1024}]
+                activations = [{method = "cats", sparsity = [0.4, 0.5]}]
+  [[combine]]   weights = {method = "wanda", pattern = "2:4"}
+                activations = {method = "cats", sparsity = 0.5}
 """
 
 
