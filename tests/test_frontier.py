@@ -341,3 +341,29 @@ def test_sparse_attention_on_decode_steps_is_timed_eagerly(monkeypatch, phase, g
     assert (seen[0] is None) == graphed
     if not graphed:
         assert "dynamic KV cache" in seen[0]
+
+
+@pytest.mark.parametrize("captures", [(True, True), (True, False)])
+def test_measured_decode_is_graph_timed_only_when_both_steps_capture(monkeypatch, captures):
+    """The headline decode ratio compares like with like: graph against graph, else eager against eager."""
+    from sparsa.frontier import timing
+    from sparsa.frontier.config import Settings
+
+    dense, model = object(), object()
+    # per model: prefill ms, eager tok/s, graph tok/s (the configuration 2x faster in the graph, 1.25x eagerly)
+    speeds = {id(dense): (10.0, 40.0, 100.0), id(model): (8.0, 50.0, 200.0)}
+    made = iter(captures)
+
+    def graph_decoder(m, ctx, steps):
+        return (m, None) if next(made) else (None, "RuntimeError: capture failed")
+
+    monkeypatch.setattr(timing, "_inputs", lambda m, settings: (None, None))
+    monkeypatch.setattr(timing, "_graph_decoder", graph_decoder)
+    monkeypatch.setattr(timing, "_one_round", lambda m, s, ids, ctx, g: (*speeds[id(m)][:2], None if g is None else speeds[id(m)][2]))
+    out = timing.measure(dense, model, Settings())
+    assert out["prefill_speedup"] == 1.25 and out["decode_eager_speedup"] == 1.25
+    if all(captures):
+        assert out["decode_mode"] == "graph" and out["decode_speedup"] == 2.0 and out["decode_tok_s"] == 200.0
+    else:
+        assert out["decode_mode"] == "eager" and out["decode_speedup"] == 1.25 and "capture failed" in out["decode_graph_error"]
+        assert "decode_graph_speedup" not in out

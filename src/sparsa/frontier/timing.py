@@ -156,19 +156,16 @@ def measure(dense, model, settings: Settings, no_graph: str | None = None) -> di
     models = (dense, model) if model is not dense else (dense,)
     out: dict = {}
     with torch.inference_mode():
-        graphs, why = [], None
+        graphs: list[GraphDecoder | None] = [None] * len(models)
         if no_graph is not None:
             out["decode_graph_error"] = no_graph
-        if settings.decode_graph and no_graph is None:
-            for m in models:
-                graph, reason = _graph_decoder(m, ctx, settings.decode_tokens)
-                graphs.append(graph)
-                why = why or reason
-            if why is not None:
-                graphs = [None] * len(models)
+        elif settings.decode_graph:  # both or neither: a ratio compares one way of decoding
+            built = [_graph_decoder(m, ctx, settings.decode_tokens) for m in models]
+            why = next((reason for _, reason in built if reason is not None), None)
+            if why is None:
+                graphs = [graph for graph, _ in built]
+            else:
                 out["decode_graph_error"] = why
-        else:
-            graphs = [None] * len(models)
         for m, g in zip(models, graphs):  # warm-up: first calls pay for kernel selection, compilation and caches
             _one_round(m, settings, ids, ctx, g)
         rounds = []
