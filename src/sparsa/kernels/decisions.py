@@ -23,7 +23,12 @@ from typing import Callable
 
 import torch
 
-__all__ = ["DecisionCache"]
+__all__ = ["DecisionCache", "shape_key"]
+
+
+def shape_key(n: int, k: int, m_bucket: int, dtype: torch.dtype) -> str:
+    """The part of a decision's key that names the layer: ``"NxK:mBUCKET:dtype"``."""
+    return f"{n}x{k}:m{m_bucket}:{str(dtype).replace('torch.', '')}"
 
 
 def _device_name() -> str:

@@ -36,7 +36,8 @@ the slower of its two times, dense the faster of its three.
 Tokens are bucketed up to the next power of two (1, 2, 4, ..., 16384; more
 than 16384 tokens use the 16384 decision).
 
-Cache file (a :class:`~sparsa.kernels.decisions.DecisionCache`): ``<cache_dir>/dispatch-<gpu-name>.json`` (``cache_dir()`` from
+Cache file (a :class:`~sparsa.kernels.decisions.DecisionCache`):
+``<cache_dir>/dispatch-<gpu-name>.json`` (``cache_dir()`` from
 :mod:`sparsa.models.loading`, ``$SPARSA_CACHE`` or ``~/.cache/sparsa``)::
 
     {"format": 6, "device": "NVIDIA H100 80GB HBM3",
@@ -62,7 +63,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .decisions import DecisionCache
+from .decisions import DecisionCache, shape_key
 
 __all__ = ["BUCKETS", "MARGIN", "Plan", "bucket", "cache_path", "choose", "flush_l2", "plan_for", "time_us"]
 
@@ -161,10 +162,6 @@ def _versions() -> dict:
 _CACHE = DecisionCache("dispatch", FORMAT, _versions, "2:4 dispatch")
 cache_path = _CACHE.path
 clear_memory = _CACHE.clear_memory
-
-
-def _key(n: int, k: int, m_bucket: int, dtype: torch.dtype) -> str:
-    return f"{n}x{k}:m{m_bucket}:{str(dtype).replace('torch.', '')}"
 
 
 # --------------------------------------------------------------------------- measuring
@@ -307,7 +304,7 @@ def _unmeasured(layer, m_bucket: int) -> Plan:
 
 def plan_for(layer, m_bucket: int) -> Plan:
     """The (cached) plan of ``layer``'s shape and dtype at ``m_bucket`` tokens, measuring it if new."""
-    key = _key(layer.out_features, layer.in_features, m_bucket, layer.values.dtype)
+    key = shape_key(layer.out_features, layer.in_features, m_bucket, layer.values.dtype)
     entry = _CACHE.get(key)
     if entry is not None:
         plan = Plan.from_dict(entry)
@@ -332,7 +329,7 @@ def choose(n: int, k: int, m_bucket: int, dtype: torch.dtype) -> str:
         raise InputError(f"token bucket {m_bucket} is not one of {BUCKETS}; use dispatch.bucket(tokens)")
     if not torch.cuda.is_available():
         return "dense"
-    entry = _CACHE.get(_key(n, k, m_bucket, dtype))
+    entry = _CACHE.get(shape_key(n, k, m_bucket, dtype))
     if entry is not None:
         return Plan.from_dict(entry).best()
     from .sparse24 import SparseLinear24, random_24_linear

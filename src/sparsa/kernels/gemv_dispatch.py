@@ -33,7 +33,7 @@ import warnings
 import torch
 
 from .bench_gemv import dense_us, gemv_calls, graph_us, random_cut, random_layer
-from .decisions import DecisionCache
+from .decisions import DecisionCache, shape_key
 from .sparse_gemv import MAX_TOKENS, GemvConfig, sparse_gemv
 
 __all__ = ["BUCKETS", "bucket", "cache_path", "candidates", "config_for", "measure"]
@@ -66,10 +66,6 @@ def candidates(n: int, k: int) -> list[GemvConfig]:
     shape in the benchmark's wider search (``benchmarks/activation_speed.py``) or in a small model's layers."""
     tiles = ((64, 64, 1), (64, 128, 1), (32, 64, 1), (32, 128, 1), (32, 256, 2), (128, 64, 2), (64, 256, 2), (128, 128, 4))
     return list(dict.fromkeys([GemvConfig.for_shape(n, k), *(GemvConfig(bn, bk, w) for bn, bk, w in tiles)]))
-
-
-def _key(n: int, k: int, m_bucket: int, dtype: torch.dtype, sparsity: float) -> str:
-    return f"{n}x{k}:m{m_bucket}:{str(dtype).replace('torch.', '')}:s{sparsity:.2f}"
 
 
 def _level(sparsity: float) -> float:
@@ -105,17 +101,18 @@ def measure(n: int, k: int, m_bucket: int, dtype: torch.dtype, sparsity: float) 
 def config_for(n: int, k: int, m_bucket: int, dtype: torch.dtype, sparsity: float) -> GemvConfig | None:
     """The measured (cached) configuration for an ``(n, k)`` layer cut at ``sparsity``; None while a CUDA graph
     is being captured and the shape is not measured yet (the caller runs the default, uncached)."""
-    key = _key(n, k, m_bucket, dtype, _level(sparsity))
+    level = _level(sparsity)
+    key = f"{shape_key(n, k, m_bucket, dtype)}:s{level:.2f}"
     entry = _CACHE.get(key)
     if entry is None:
         if torch.cuda.is_current_stream_capturing():
             return None
-        entry = measure(n, k, m_bucket, dtype, _level(sparsity))
+        entry = measure(n, k, m_bucket, dtype, level)
         _CACHE.put(key, entry)
     speedup = entry.get("speedup")
     if speedup is not None and speedup < 1.0 and key not in _WARNED:
         _WARNED.add(key)
         warnings.warn(f"sparsa: the activation-sparse GEMV of a {n}x{k} {str(dtype).replace('torch.', '')} layer at "
-                      f"{m_bucket} token(s) and {_level(sparsity):.0%} sparsity runs at {speedup:.2f}x of dense on this "
+                      f"{m_bucket} token(s) and {level:.0%} sparsity runs at {speedup:.2f}x of dense on this "
                       "GPU; it still cuts the input (the model's numerics)", RuntimeWarning, stacklevel=2)
     return GemvConfig.from_key(entry["config"])

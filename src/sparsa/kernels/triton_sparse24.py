@@ -99,7 +99,7 @@ _PRMT = os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None
 # PreparedCall launches compiled kernels with every argument in signature order, constexprs included: what
 # Triton 3's launchers take (read in 3.6 and 3.9); other versions always go through kernel[grid](...)
 _DIRECT_LAUNCH = HAVE_TRITON and triton.__version__.split(".")[0] == "3"
-# ... and, where the compiled kernel allows, through the CUDA driver itself (launch.DRIVER_LAUNCH)
+# ... and, where the compiled kernel allows, through the CUDA driver itself (unless launch.DRIVER_LAUNCH is off)
 
 
 @dataclass(frozen=True)
