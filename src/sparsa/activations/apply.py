@@ -11,7 +11,7 @@ import torch.nn as nn
 from ..errors import require
 from .base import ACTIVATION_METHODS, WEIGHT_POWERS, ActivationConfig, Site, threshold_at
 
-__all__ = ["ActivationSparsity", "apply", "score_samples"]
+__all__ = ["ActivationSparsity", "InputSample", "apply", "input_samples"]
 
 
 @dataclasses.dataclass
@@ -53,7 +53,7 @@ class ActivationSparsity:
 
 
 def _calibrate(model: nn.Module, sites: list[Site], batches: torch.Tensor, config: ActivationConfig,
-               dense: dict[str, torch.Tensor] | None = None) -> None:
+               dense: dict[str, InputSample] | None = None) -> None:
     """Each site's threshold: the ``sparsity`` quantile of its scores over a random sample of calibration activations.
 
     Two passes: the first on the dense model (its samples ``dense``, if
@@ -61,34 +61,54 @@ def _calibrate(model: nn.Module, sites: list[Site], batches: torch.Tensor, confi
     cutting early layers shifts what later layers see (the deployed model
     sees the shifted activations).
     """
-    _set_thresholds(sites, score_samples(model, sites, batches, config) if dense is None else dense, config)
+    _set_thresholds(sites, input_samples(model, sites, batches, config) if dense is None else dense, config)
     if config.sparsity > 0:
         owner = ActivationSparsity(config, sites)
         owner.install()
         try:
-            _set_thresholds(sites, score_samples(model, sites, batches, config), config)
+            _set_thresholds(sites, input_samples(model, sites, batches, config), config)
         finally:
             owner.remove()
 
 
-def _set_thresholds(sites: list[Site], samples: dict[str, torch.Tensor], config: ActivationConfig) -> None:
+def _set_thresholds(sites: list[Site], samples: dict[str, InputSample], config: ActivationConfig) -> None:
     for site in sites:
-        site.threshold = threshold_at(samples[site.name], config.sparsity if site.sparsity is None else site.sparsity)
+        site.threshold = threshold_at(samples[site.name].scores(site.scale), config.sparsity if site.sparsity is None else site.sparsity)
 
 
-def score_samples(model: nn.Module, sites: list[Site], batches: torch.Tensor, config: ActivationConfig) -> dict[str, torch.Tensor]:
-    """Per site, a random sample of its scores over the calibration batches (cuts already installed apply), sorted."""
+@dataclasses.dataclass(frozen=True)
+class InputSample:
+    """A random sample of what one site sees: ``|x|`` (float32) and the channel each value came from.
+
+    Kept apart from the score so that one pass over the text serves every
+    weight power the calibration tries (the score is ``|x_j| * scale_j``).
+    """
+
+    values: torch.Tensor
+    channels: torch.Tensor
+
+    def scores(self, scale: torch.Tensor | None) -> torch.Tensor:
+        """The sample's scores under a per-channel ``scale`` (None: ``|x|``), sorted."""
+        scores = self.values if scale is None else self.values * scale.detach().float().cpu()[self.channels]
+        return scores.sort().values
+
+
+def input_samples(model: nn.Module, sites: list[Site], batches: torch.Tensor, config: ActivationConfig) -> dict[str, InputSample]:
+    """Per site, a random sample of ``|x|`` over the calibration batches (cuts already installed apply)."""
     gen = torch.Generator().manual_seed(config.seed)
-    samples: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
+    values: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
+    channels: dict[str, list[torch.Tensor]] = {s.name: [] for s in sites}
 
     def collect(site):
         def take(x):
-            scores = site.score(x.detach()).float().reshape(-1).cpu()
-            if scores.numel() > config.values_per_batch:
-                scores = scores[torch.randint(0, scores.numel(), (config.values_per_batch,), generator=gen)]
-            samples[site.name].append(scores)
+            flat = x.detach().abs().float().reshape(-1).cpu()
+            index = torch.arange(flat.numel())
+            if flat.numel() > config.values_per_batch:
+                index = torch.randint(0, flat.numel(), (config.values_per_batch,), generator=gen)
+            values[site.name].append(flat[index])
+            channels[site.name].append((index % x.shape[-1]).to(torch.int32))
 
-        # prepend: the scores are taken before this site's own cut, if installed
+        # prepend: the values are taken before this site's own cut, if installed
         if site.kind == "input":
             return site.module.register_forward_pre_hook(lambda m, args: take(args[0]), prepend=True)
         return site.module.register_forward_hook(lambda m, args, out: take(out), prepend=True)
@@ -102,7 +122,7 @@ def score_samples(model: nn.Module, sites: list[Site], batches: torch.Tensor, co
     finally:
         for h in handles:
             h.remove()
-    return {name: torch.cat(values).sort().values for name, values in samples.items()}
+    return {name: InputSample(torch.cat(values[name]), torch.cat(channels[name])) for name in values}
 
 
 def apply(lm, method: str = "teal", sparsity: float = 0.5, *, tokenizer=None, text: str | None = None, **options) -> ActivationSparsity:
@@ -125,40 +145,50 @@ def apply(lm, method: str = "teal", sparsity: float = 0.5, *, tokenizer=None, te
     make_sites = ACTIVATION_METHODS.get(config.method)
     body = text if text is not None else load_text(config.calibration if config.calibration != "shipped" else "calibration")
     batches = calibration_samples(tokenizer, body, config.samples, config.seq_len, config.seed)
+    sites = None
     if getattr(make_sites, "weight_informed", False) and config.weight_power is None and config.sparsity > 0:
         check = held_out_samples(tokenizer, body, config.samples, config.seq_len, config.seed)
-        config = dataclasses.replace(config, weight_power=_best_weight_power(model, batches, check, config))
-    sites = make_sites(model, config, batches)
-    dense = None
-    if config.allocation == "greedy" and config.sparsity > 0:
-        from .allocation import greedy_levels
+        power, sites = _best_weight_power(model, make_sites, batches, check, config)
+        config = dataclasses.replace(config, weight_power=power)
+    if sites is None or config.allocation != "uniform":  # else the power search calibrated them already
+        sites = make_sites(model, config, batches)
+        dense = None
+        if config.allocation == "greedy" and config.sparsity > 0:
+            from .allocation import greedy_levels
 
-        dense = score_samples(model, sites, batches, config)
-        levels = greedy_levels(model, sites, batches, config, dense)
-        for site in sites:
-            site.sparsity = levels[site.name]
+            dense = input_samples(model, sites, batches, config)
+            levels = greedy_levels(model, sites, batches, config, {s.name: dense[s.name].scores(s.scale) for s in sites})
+            for site in sites:
+                site.sparsity = levels[site.name]
+        _calibrate(model, sites, batches, config, dense)
     if any(type(s.module).__name__ == "SparseLinear24" for s in sites):
         warnings.warn("sparsa.activations: inputs of 2:4 layers are cut too, but the 2:4 kernels read every weight "
                       "group regardless, so the two sparsities do not combine into more speed", RuntimeWarning, stacklevel=2)
-    _calibrate(model, sites, batches, config, dense)
     handle = ActivationSparsity(config, sites)
     handle.install()
     return handle
 
 
-def _best_weight_power(model: nn.Module, batches: torch.Tensor, check: torch.Tensor, config: ActivationConfig) -> float:
-    """The weight power whose calibration (on ``batches``) gives the lowest loss on ``check``, held-out calibration text."""
+def _best_weight_power(model: nn.Module, make_sites, batches: torch.Tensor, check: torch.Tensor,
+                       config: ActivationConfig) -> tuple[float, list[Site]]:
+    """The weight power whose calibration (on ``batches``) gives the lowest loss on ``check``, held-out
+    calibration text, and its calibrated sites (uniform allocation). Ties go to the smaller power."""
     device = next(model.parameters()).device
-    losses = {}
+    dense = None  # |x| on the dense model does not depend on the power: one pass serves them all
+    best = None
     for power in WEIGHT_POWERS:
-        trial = dataclasses.replace(config, weight_power=power)
-        sites = ACTIVATION_METHODS.get(trial.method)(model, trial, batches)
-        _calibrate(model, sites, batches, trial)
+        trial = dataclasses.replace(config, weight_power=power, allocation="uniform")
+        sites = make_sites(model, trial, batches)
+        if dense is None:
+            dense = input_samples(model, sites, batches, trial)
+        _calibrate(model, sites, batches, trial, dense)
         handle = ActivationSparsity(trial, sites)
         handle.install()
         try:
             with torch.no_grad():
-                losses[power] = sum(float(model(row[None].to(device), labels=row[None].to(device)).loss) for row in check)
+                loss = sum(float(model(row[None].to(device), labels=row[None].to(device)).loss) for row in check)
         finally:
             handle.remove()
-    return min(losses, key=losses.get)
+        if best is None or loss < best[0]:
+            best = (loss, power, sites)
+    return best[1], best[2]

@@ -27,7 +27,9 @@ __all__ = ["ACTIVATION_METHODS", "ActivationConfig", "Site", "in_decoder_layer",
 
 ACTIVATION_METHODS: Registry[Callable] = Registry("activation sparsity method")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-WEIGHT_POWERS = (0.25, 0.5, 1.0)  # the weight-informed scores tried when weight_power is None
+# the weight-informed scores tried when weight_power is None; 0 is |x| alone, for layers whose weights do not
+# rank channels better than the activations do (on SmolLM2-135M the search often picked the smallest power)
+WEIGHT_POWERS = (0.0, 0.125, 0.25, 0.5, 1.0)
 ALLOCATIONS = ("uniform", "greedy")
 
 
