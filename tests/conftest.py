@@ -35,17 +35,39 @@ def tiny_llama_config(vocab_size: int, **overrides):
     return LlamaConfig(**values)
 
 
-@pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory, tokenizer):
-    """A tiny randomly initialised Llama, saved as a Hugging Face directory with the real tokenizer."""
+def save_tiny_llama(path, tokenizer):
+    """A tiny randomly initialised Llama (seed 0) saved at ``path`` as a Hugging Face directory with ``tokenizer``."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(len(tokenizer)))
-    path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A tiny randomly initialised Llama, saved as a Hugging Face directory with the real tokenizer."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer)
+
+
+def byte_tokenizer():
+    """A byte-level BPE tokenizer without merges (one token per byte, plus an end-of-text token), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, **{char: i + 1 for i, char in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_bytes_dir(tmp_path_factory):
+    """The tiny Llama with a byte-level tokenizer: needs no model package (the GPU tests run from the tree alone)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-bytes"), byte_tokenizer())
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 pytest.importorskip("triton")
 
 
-def test_measured_sweep_times_the_sparse_kernels(tiny_dir, tmp_path):
+def test_measured_sweep_times_the_sparse_kernels(tiny_bytes_dir, tmp_path):
     from sparsa.frontier import run_sweep
     from sparsa.frontier.config import parse_sweep
 
@@ -22,7 +22,7 @@ def test_measured_sweep_times_the_sparse_kernels(tiny_dir, tmp_path):
         "axes": {"weights": [{"method": "magnitude", "pattern": "2:4"}],
                  "activations": [{"method": "teal", "sparsity": 0.5}, {"method": "cats", "sparsity": 0.5}]},
     })
-    records = {r["id"]: r for r in run_sweep(sweep, str(tiny_dir), tmp_path, device="cuda", progress=False)}
+    records = {r["id"]: r for r in run_sweep(sweep, str(tiny_bytes_dir), tmp_path, device="cuda", progress=False)}
     assert all(r["status"] == "ok" for r in records.values()), [r.get("error") for r in records.values()]
     for r in records.values():
         assert r["speed"]["kind"] == "measured" and math.isfinite(r["speed"]["decode_speedup"])
@@ -36,13 +36,13 @@ def test_measured_sweep_times_the_sparse_kernels(tiny_dir, tmp_path):
         assert math.isfinite(speed["decode_eager_speedup"]) and speed["decode_speedup"] == speed["decode_graph_speedup"]
 
 
-def test_graph_decoding_picks_the_tokens_eager_decoding_picks(tiny_dir):
+def test_graph_decoding_picks_the_tokens_eager_decoding_picks(tiny_bytes_dir):
     """The captured step (static cache, position and token advanced in the graph) decodes as the eager loop does."""
     from transformers import AutoModelForCausalLM
 
     from sparsa.frontier.timing import GraphDecoder, eager_decode
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).cuda().eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_bytes_dir, dtype=torch.float32).cuda().eval()
     ctx = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1)).cuda()
     with torch.inference_mode():
         eager, _ = eager_decode(model, ctx, 12)
