@@ -44,8 +44,9 @@ class ActivationConfig:
     seed: int = 0
     values_per_batch: int = 16384  # scores kept per site and calibration batch (a random sample)
     # weight-informed methods (wina, wina_fisher): the score is |x_j| * ||W[:, j]|| ** weight_power (W
-    # Fisher-weighted for wina_fisher); None: the power among WEIGHT_POWERS with the lowest loss on held-out
-    # calibration text (``samples`` more windows of it, disjoint from the calibration windows)
+    # Fisher-weighted for wina_fisher); None: the power among WEIGHT_POWERS whose cut moves the model least from
+    # dense (KL of the next-token distributions) on held-out calibration text (``samples`` more windows of it,
+    # disjoint from the calibration windows)
     weight_power: float | None = None
     # weight-informed methods: the linears (by name suffix, among ``targets``) whose score is weighted; the
     # others use |x_j|. None: all of them. The WINA authors' code weights k_proj and gate_proj only.

@@ -7,8 +7,9 @@ channels by their effect on the layer's output rather than by size alone.
 are orthogonal; they are not in a trained model, and on SmolLM2-135M a
 softer weighting ranks better. Unless ``weight_power`` is given,
 :func:`sparsa.activations.apply` picks ``p`` among ``WEIGHT_POWERS`` by the
-loss on held-out calibration text; ``p = 0`` among them is plain ``|x_j|``
-(TEAL's score), chosen where the weights do not help on that text. ``weighted`` limits the weighting to some
+divergence from the dense model on held-out calibration text; ``p = 0``
+among them is plain ``|x_j|`` (TEAL's score), chosen where weighting does
+not keep the model closer to dense. ``weighted`` limits the weighting to some
 layers (the WINA authors' code weights ``k_proj`` and ``gate_proj`` only).
 """
 
