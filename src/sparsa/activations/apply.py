@@ -146,18 +146,18 @@ def apply(lm, method: str = "teal", sparsity: float = 0.5, *, tokenizer=None, te
     make_sites = ACTIVATION_METHODS.get(config.method)
     body = text if text is not None else load_text(config.calibration if config.calibration != "shipped" else "calibration")
     batches = calibration_samples(tokenizer, body, config.samples, config.seq_len, config.seed)
-    sites = None
+    sites = dense = None
     if getattr(make_sites, "weight_informed", False) and config.weight_power is None and config.sparsity > 0:
         check = held_out_samples(tokenizer, body, config.samples, config.seq_len, config.seed)
-        power, sites = _best_weight_power(model, make_sites, batches, check, config)
+        power, sites, dense = _best_weight_power(model, make_sites, batches, check, config)
         config = dataclasses.replace(config, weight_power=power)
     if sites is None or config.allocation != "uniform":  # else the power search calibrated them already
         sites = make_sites(model, config, batches)
-        dense = None
         if config.allocation == "greedy" and config.sparsity > 0:
             from .allocation import greedy_levels
 
-            dense = input_samples(model, sites, batches, config)
+            if dense is None:  # (the power search's dense sample is the same: same modules, same seed)
+                dense = input_samples(model, sites, batches, config)
             levels = greedy_levels(model, sites, batches, config, {s.name: dense[s.name].scores(s.scale) for s in sites})
             for site in sites:
                 site.sparsity = levels[site.name]
@@ -171,9 +171,10 @@ def apply(lm, method: str = "teal", sparsity: float = 0.5, *, tokenizer=None, te
 
 
 def _best_weight_power(model: nn.Module, make_sites, batches: torch.Tensor, check: torch.Tensor,
-                       config: ActivationConfig) -> tuple[float, list[Site]]:
+                       config: ActivationConfig) -> tuple[float, list[Site], dict[str, InputSample]]:
     """The weight power whose calibration (on ``batches``) moves the model least on ``check``, held-out
-    calibration text, and its calibrated sites (uniform allocation). Ties go to the smaller power.
+    calibration text, its calibrated sites (uniform allocation), and the dense model's input sample the
+    calibrations shared. Ties go to the smaller power.
 
     "Least" is the divergence KL(dense || cut) of the next-token distributions,
     summed over ``check``'s tokens: what the cut changes, compared token by
@@ -206,4 +207,4 @@ def _best_weight_power(model: nn.Module, make_sites, batches: torch.Tensor, chec
                     handle.remove()
                 divergence[i] += float(F.kl_div(cut, reference, log_target=True, reduction="sum"))
     best = trials[min(range(len(trials)), key=divergence.__getitem__)]
-    return best.config.weight_power, best.sites
+    return best.config.weight_power, best.sites, dense
