@@ -61,6 +61,26 @@ def test_sparse_input_linear_kernel_equals_masked_dense(tokens):
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_cut_outside_the_gemv_is_exact_on_the_gpu(dtype, per_channel):
+    """The prefill cut (one hardshrink, or abs-compare-multiply) keeps exactly |x| >= t as float64 compares it,
+    with values placed at, just above and just below the thresholds in x's dtype."""
+    from sparsa.activations.cut import prepare_cut
+
+    g = torch.Generator(device="cuda").manual_seed(11 + per_channel)
+    k = 1536
+    thr = torch.rand(k, device="cuda", generator=g) + 0.05 if per_channel else torch.full((k,), 0.4321, device="cuda")
+    x = torch.randn(300, k, device="cuda", generator=g).to(dtype)
+    t = thr.to(dtype)
+    x[0::5], x[1::5] = t, -torch.nextafter(t, torch.full_like(t, float("-inf")))
+    x[2::5] = torch.nextafter(t, torch.full_like(t, float("inf")))
+    cut = prepare_cut(thr, dtype, x.device)
+    assert (cut.floor is not None) == per_channel
+    expected = torch.where(x.double().abs() >= thr.double(), x, torch.zeros_like(x))
+    assert torch.equal(cut(x), expected)
+
+
 def test_measured_configuration_is_cached_and_used(tmp_path, monkeypatch):
     """A layer measures its launch configuration once per shape and token bucket, keeps the fastest, and is exact."""
     import json

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from ..errors import InputError, require
 from ..registry import Registry
+from .cut import Cut, prepare_cut
 
 __all__ = ["ACTIVATION_METHODS", "ActivationConfig", "Site", "in_decoder_layer", "linear_sites", "threshold_at", "weight_informed"]
 
@@ -82,6 +83,7 @@ class Site:
     sparsity: float | None = None  # this site's own target (greedy allocation); None: the config's
     zeros: int = 0  # counted while tracking
     total: int = 0
+    _cut: tuple | None = dataclasses.field(default=None, repr=False, compare=False)  # (threshold, scale, (dtype, device), Cut)
 
     def score(self, x: torch.Tensor) -> torch.Tensor:
         return x.abs() if self.scale is None else x.abs() * self.scale.to(x.device, x.dtype)
@@ -99,14 +101,20 @@ class Site:
     def cut(self, x: torch.Tensor, track: bool) -> torch.Tensor:
         if self.threshold is None:
             return x
-        if self.scale is None:
-            keep = x.abs() >= self.threshold
-        else:  # |x_j| against threshold / scale_j in float32: the comparison the kernels make, bit for bit
-            keep = x.abs().float() >= self._scaled_thresholds().to(x.device)
+        cut = self._prepared_cut(x.dtype, x.device)
         if track:
-            self.zeros += int((~keep).sum())
-            self.total += keep.numel()
-        return x * keep
+            self.zeros += int((~cut.keep(x)).sum())
+            self.total += x.numel()
+        return cut(x)
+
+    def _prepared_cut(self, dtype: torch.dtype, device: torch.device) -> Cut:
+        """The cut at this site's thresholds (``|x_j|`` against ``threshold / scale_j`` in float32, as the kernels
+        compare), prepared once per threshold, scale and input dtype."""
+        cached = self._cut
+        if cached is None or cached[0] != self.threshold or cached[1] is not self.scale or cached[2] != (dtype, device):
+            threshold = self.threshold if self.scale is None else self._scaled_thresholds()
+            cached = self._cut = (self.threshold, self.scale, (dtype, device), prepare_cut(threshold, dtype, device))
+        return cached[3]
 
     def install(self, tracking: Callable[[], bool] = lambda: False):
         """Cut this site in every forward (a removable hook); ``tracking()`` says whether to count zeros."""

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..kernels.sparse_gemv import MAX_TOKENS, GemvConfig, PreparedGemv
+from .cut import Cut, prepare_cut
 
 __all__ = ["SparseInputLinear", "sparse_input_layers", "use_kernels"]
 
@@ -42,6 +43,7 @@ class SparseInputLinear(nn.Module):
         self.config, self.sparsity = config, sparsity
         self._configs: dict[int, GemvConfig] = {}  # measured, per token bucket
         self._prepared: dict[tuple[int, GemvConfig], PreparedGemv] = {}  # per token count and configuration
+        self._cuts: dict[tuple[torch.dtype, torch.device], Cut] = {}  # the cut outside the GEMV, per input dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -53,8 +55,15 @@ class SparseInputLinear(nn.Module):
                 call = self._prepared[(m, config)] = PreparedGemv(self.weight_t, self.bias, self.threshold, config, m)
             return call(flat).reshape(*x.shape[:-1], self.out_features)
         if self.threshold is not None:
-            x = x * (x.abs().float() >= self.threshold)  # compared in float32, as the kernel does
+            x = self._cut(x.dtype, x.device)(x)
         return F.linear(x, self.weight_t.t(), self.bias)
+
+    def _cut(self, dtype: torch.dtype, device: torch.device) -> Cut:
+        """The cut outside the GEMV, prepared once per input dtype and device (the same comparison as the kernel's)."""
+        cut = self._cuts.get((dtype, device))
+        if cut is None:
+            cut = self._cuts[(dtype, device)] = prepare_cut(self.threshold, dtype, device)
+        return cut
 
     def _config(self, m: int, dtype: torch.dtype) -> GemvConfig | None:
         """The measured configuration for ``m`` tokens (None while a CUDA graph captures an unmeasured shape)."""
@@ -72,11 +81,13 @@ class SparseInputLinear(nn.Module):
         # a move or cast makes new tensors, which prepared calls (holding pointers) would not see
         self._prepared.clear()
         self._configs.clear()
+        self._cuts.clear()
         return super()._apply(fn, *args, **kwargs)
 
     def __setattr__(self, name, value):
         if name in ("weight_t", "bias", "threshold") and "_prepared" in self.__dict__:  # (also load_state_dict(assign=True))
             self._prepared.clear()
+            self._cuts.clear()
         super().__setattr__(name, value)
 
     def __getstate__(self):
