@@ -72,7 +72,7 @@ def main() -> None:
         densities = []
 
         def record(row, densities=densities):
-            values = [m.sparsa_last_density for m in attn if getattr(m, "sparsa_last_density", None) is not None]
+            values = [float(m.sparsa_last_density) for m in attn if getattr(m, "sparsa_last_density", None) is not None]
             row["density"] = sum(values) / len(values) if values else 1.0
             densities.append(row["density"])
             for m in attn:

@@ -109,6 +109,14 @@ def test_streaming_is_sinks_plus_window():
         assert blocks[qb].nonzero().flatten().tolist() == sorted({0, max(qb - 1, 0), qb})
 
 
+@pytest.mark.parametrize("lq,lk,block", [(1, 257, 64), (5, 300, 16), (100, 100, 64), (257, 1025, 128), (64, 1024, 32)])
+def test_causal_block_count_and_density_tensor(lq, lk, block):
+    assert M.causal_block_count(lq, lk, block) == int(M.causal_blocks(lq, lk, block).sum())
+    mask = make_pattern("streaming", block_size=block, sink_blocks=1, local_blocks=2).mask(torch.zeros(2, 3, lq, 8), torch.zeros(2, 1, lk, 8))
+    exact = float(mask.blocks.sum()) / float(M.causal_blocks(lq, lk, block).sum() * 6)
+    assert mask.density_tensor().dtype == torch.float32 and mask.density() == pytest.approx(exact, rel=1e-6)
+
+
 def test_vertical_slash_finds_a_planted_column():
     q, k, _ = qkv(4, b=1, h=1, hkv=1, lq=256, lk=256)
     k[..., 100, :] = q[..., -32:, :].mean(dim=-2) * 50  # every late query attends key 100
@@ -178,6 +186,24 @@ def test_hf_full_density_matches_dense_and_remove_restores(tiny_llama):
         assert tiny_llama.model.layers[0].self_attn.sparsa_last_density < 1.0
         remove(tiny_llama)
         assert (tiny_llama(ids).logits - dense).abs().max() < 1e-5
+
+
+def test_hf_sparse_heads_leave_the_shared_streaming_mask_alone(tiny_llama):
+    """Streaming hands every layer one cached mask; making some heads dense must copy it, not write into it."""
+    ids = torch.randint(0, 256, (1, 300), generator=torch.Generator().manual_seed(2))
+    pattern = make_pattern("streaming", block_size=BLOCK, sink_blocks=1, local_blocks=1)
+    probe = torch.zeros(1, 1, 300, 8)
+    before = pattern.mask(probe, probe).blocks.clone()
+    with torch.no_grad():
+        apply(tiny_llama, "streaming", heads=[0], min_len=1, block_size=BLOCK, sink_blocks=1, local_blocks=1)
+        first = tiny_llama(ids).logits
+        density = float(tiny_llama.model.layers[0].self_attn.sparsa_last_density)
+        assert torch.equal(tiny_llama(ids).logits, first)
+        remove(tiny_llama)
+    assert torch.equal(pattern.mask(probe, probe).blocks, before)
+    all_heads = float(before.sum()) / M.causal_block_count(300, 300, BLOCK)
+    heads = tiny_llama.config.num_attention_heads
+    assert density == pytest.approx((all_heads + (heads - 1)) / heads, rel=1e-6)
 
 
 def test_hf_dense_below_min_len_and_per_layer(tiny_llama):

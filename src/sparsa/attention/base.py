@@ -30,6 +30,8 @@ class PatternBase:
     block_size: int = 64
     # when the pattern applies: "prefill" (several queries), "decode" (one query) or "both"
     phase: ClassVar[str] = "both"
+    # whether ``mask`` reads the keys' values (False: only their count, so grouped-query keys need not be expanded)
+    reads_keys: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         require(self.block_size in (16, 32, 64, 128), f"block_size must be 16, 32, 64 or 128, got {self.block_size}")

@@ -79,13 +79,15 @@ def _forward(module: nn.Module, query, key, value, attention_mask, dropout: floa
     if dense:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     heads, kv_heads = query.shape[1], key.shape[1]
-    expanded = key.repeat_interleave(heads // kv_heads, dim=1) if heads != kv_heads else key
+    expand = heads != kv_heads and policy.pattern.reads_keys
+    expanded = key.repeat_interleave(heads // kv_heads, dim=1) if expand else key
     mask = policy.pattern.mask(query, expanded)
     del expanded
     if policy.heads is not None:
         dense_heads = [h for h in range(heads) if h not in policy.heads]
+        mask.blocks = mask.blocks.clone()  # a pattern may hand out a cached or expanded mask
         mask.blocks[:, dense_heads] = causal_blocks(q_len, k_len, mask.block_size, query.device)
-    module.sparsa_last_density = mask.density()
+    module.sparsa_last_density = mask.density_tensor()  # a GPU scalar: reading it here would stop the GPU every layer
     out = attend(query, key, value, mask, scale=scaling, backend=policy.run_backend(query.device, query.shape[-1]))
     return out.transpose(1, 2).contiguous(), None
 

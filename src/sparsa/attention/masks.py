@@ -39,8 +39,12 @@ class BlockMask:
 
     def density(self) -> float:
         """Kept blocks over the blocks a dense causal attention computes (1.0 = dense)."""
-        causal = causal_blocks(self.q_len, self.k_len, self.block_size, self.blocks.device)
-        return float(self.blocks.sum()) / float(causal.sum() * self.blocks.shape[0] * self.blocks.shape[1])
+        return float(self.density_tensor())
+
+    def density_tensor(self) -> torch.Tensor:
+        """:meth:`density` as a float32 scalar on the mask's device: reading it later does not stop the GPU now."""
+        causal = causal_block_count(self.q_len, self.k_len, self.block_size)
+        return self.blocks.sum(dtype=torch.float32) / float(causal * self.blocks.shape[0] * self.blocks.shape[1])
 
     def sparsity(self) -> float:
         return 1.0 - self.density()
@@ -68,6 +72,13 @@ def _query_block_starts(q_len: int, k_len: int, block: int, device) -> torch.Ten
 def num_query_blocks(q_len: int, k_len: int, block: int) -> int:
     offset = k_len - q_len
     return (k_len - 1) // block - offset // block + 1
+
+
+def causal_block_count(q_len: int, k_len: int, block: int) -> int:
+    """How many blocks :func:`causal_blocks` keeps, counted on the host: query block ``i`` (in absolute
+    blocks) sees key blocks ``0..i``."""
+    first, last = (k_len - q_len) // block, (k_len - 1) // block
+    return (last + 1) * (last + 2) // 2 - first * (first + 1) // 2
 
 
 def causal_blocks(q_len: int, k_len: int, block: int, device=None) -> torch.Tensor:

@@ -9,6 +9,8 @@ queries and keys, which makes it the cheapest pattern to estimate.
 from __future__ import annotations
 
 import dataclasses
+import functools
+from typing import ClassVar
 
 import torch
 
@@ -22,6 +24,7 @@ from .masks import BlockMask, _query_block_starts, finalize
 class Streaming(PatternBase):
     sink_blocks: int = 1
     local_blocks: int = 4
+    reads_keys: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -29,9 +32,14 @@ class Streaming(PatternBase):
 
     def mask(self, q: torch.Tensor, k: torch.Tensor) -> BlockMask:
         b, h, lq, _ = q.shape
-        lk = k.shape[-2]
-        bs = self.block_size
-        own = _query_block_starts(lq, lk, bs, q.device) // bs  # [QB]
-        kb = torch.arange(-(-lk // bs), device=q.device)
-        keep = (kb[None, :] < self.sink_blocks) | ((own[:, None] - kb[None, :] >= 0) & (own[:, None] - kb[None, :] < self.local_blocks))
-        return finalize(keep.expand(b, h, *keep.shape), lq, lk, bs)
+        blocks = _blocks(lq, k.shape[-2], self.block_size, self.sink_blocks, self.local_blocks, q.device)
+        return BlockMask(blocks.expand(b, h, *blocks.shape), self.block_size, lq, k.shape[-2])
+
+
+@functools.lru_cache(maxsize=8)
+def _blocks(lq: int, lk: int, bs: int, sink: int, local: int, device: torch.device) -> torch.Tensor:
+    """The (finalized) ``[QB, KB]`` mask, made once per shape: every layer of a forward pass asks for the same one."""
+    own = _query_block_starts(lq, lk, bs, device) // bs  # [QB]
+    kb = torch.arange(-(-lk // bs), device=device)
+    keep = (kb[None, :] < sink) | ((own[:, None] - kb[None, :] >= 0) & (own[:, None] - kb[None, :] < local))
+    return finalize(keep, lq, lk, bs).blocks

@@ -119,7 +119,7 @@ class _DensityProbe:
     """Collects the block density each sparse attention call chose (``sparsa_last_density``)."""
 
     def __init__(self, model) -> None:
-        self.values: list[float] = []
+        self.values: list = []  # floats or scalar tensors
         self.handles = []
         for name, module in model.named_modules():
             if name.endswith("self_attn") and isinstance(getattr(module, "layer_idx", None), int):
@@ -133,10 +133,10 @@ class _DensityProbe:
     def _take(self, module, args, output):
         d = getattr(module, "sparsa_last_density", None)
         if d is not None:
-            self.values.append(float(d))
+            self.values.append(d)  # a GPU scalar is read at the end, not at every layer
 
     def mean(self) -> float | None:
-        return sum(self.values) / len(self.values) if self.values else None
+        return sum(float(v) for v in self.values) / len(self.values) if self.values else None
 
     def remove(self) -> None:
         for h in self.handles:
