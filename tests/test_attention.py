@@ -206,6 +206,37 @@ def test_hf_sparse_heads_leave_the_shared_streaming_mask_alone(tiny_llama):
     assert density == pytest.approx((all_heads + (heads - 1)) / heads, rel=1e-6)
 
 
+@pytest.mark.parametrize("sink,local", [(1, 2), (0, 3), (2, 100)])
+def test_hf_streaming_decode_slices_equal_the_block_mask(tiny_llama, monkeypatch, sink, local):
+    """A streaming decode step attends slices of the cache; it computes what the block mask does."""
+    from transformers import DynamicCache
+
+    from sparsa.attention.streaming import Streaming
+
+    ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(3))
+    apply(tiny_llama, "streaming", min_len=1, block_size=BLOCK, sink_blocks=sink, local_blocks=local)
+
+    def decode(steps=4):
+        cache = DynamicCache()
+        with torch.no_grad():
+            out = tiny_llama(ids, past_key_values=cache, use_cache=True)
+            logits, densities = [], []
+            for _ in range(steps):
+                nxt = out.logits[:, -1:].argmax(-1)
+                out = tiny_llama(nxt, past_key_values=cache, use_cache=True)
+                logits.append(out.logits)
+                densities.append(float(tiny_llama.model.layers[0].self_attn.sparsa_last_density))
+        return torch.cat(logits, 1), densities
+
+    sliced, d_sliced = decode()
+    monkeypatch.setattr(Streaming, "decode_key_ranges", lambda self, k_len: None)
+    masked, d_masked = decode()
+    remove(tiny_llama)
+    assert (sliced - masked).abs().max() < 1e-5
+    assert d_sliced == pytest.approx(d_masked, rel=1e-6)
+    assert (max(d_sliced) == 1.0) == (local >= 100)  # sparse steps were taken, except where the window is everything
+
+
 def test_hf_dense_below_min_len_and_per_layer(tiny_llama):
     ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

@@ -39,6 +39,11 @@ class PatternBase:
     def mask(self, q: torch.Tensor, k: torch.Tensor) -> BlockMask:  # pragma: no cover - interface
         raise NotImplementedError
 
+    def decode_key_ranges(self, k_len: int) -> tuple[tuple[int, int], ...] | None:
+        """For a static pattern, the key ranges ``[start, stop)`` that one query at position ``k_len - 1`` attends:
+        a decode step then slices the cache instead of building a mask. None: the pattern must see the keys."""
+        return None
+
 
 def make_pattern(name: str, **params) -> PatternBase:
     """The registered pattern ``name`` with ``params`` as its settings."""

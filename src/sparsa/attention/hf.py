@@ -14,7 +14,9 @@ whenever sparsity does not apply:
   local), logit soft-capping, or attention dropout in training.
 
 Otherwise it builds the block mask from the layer's actual queries and keys
-and runs it on the chosen backend. ``remove(model)`` restores the previous
+and runs it on the chosen backend; a decode step of a static pattern
+(streaming), whose one query keeps whole ranges of the cache, attends those
+slices with SDPA instead. ``remove(model)`` restores the previous
 attention implementation.
 """
 
@@ -78,6 +80,18 @@ def _forward(module: nn.Module, query, key, value, attention_mask, dropout: floa
     )
     if dense:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    ranges = policy.pattern.decode_key_ranges(k_len) if q_len == 1 and policy.heads is None else None
+    if ranges is not None:  # one query of a static pattern: attend the slices of the cache it keeps
+        bs = policy.pattern.block_size
+        kept_blocks = sum(-(-stop // bs) - start // bs for start, stop in ranges)
+        module.sparsa_last_density = kept_blocks / ((k_len - 1) // bs + 1)
+        if len(ranges) > 1:
+            key = torch.cat([key[:, :, a:b] for a, b in ranges], dim=2)
+            value = torch.cat([value[:, :, a:b] for a, b in ranges], dim=2)
+        else:
+            (a, b), = ranges
+            key, value = key[:, :, a:b], value[:, :, a:b]
+        return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, **kwargs)
     heads, kv_heads = query.shape[1], key.shape[1]
     expand = heads != kv_heads and policy.pattern.reads_keys
     expanded = key.repeat_interleave(heads // kv_heads, dim=1) if expand else key

@@ -35,6 +35,16 @@ class Streaming(PatternBase):
         blocks = _blocks(lq, k.shape[-2], self.block_size, self.sink_blocks, self.local_blocks, q.device)
         return BlockMask(blocks.expand(b, h, *blocks.shape), self.block_size, lq, k.shape[-2])
 
+    def decode_key_ranges(self, k_len: int) -> tuple[tuple[int, int], ...]:
+        """The sink blocks and the window of local blocks ending at the query's own block (merged where they meet)."""
+        bs = self.block_size
+        own = (k_len - 1) // bs
+        sinks = min(self.sink_blocks, own + 1) * bs
+        local = max(own - self.local_blocks + 1, 0) * bs
+        if local <= sinks:
+            return ((0, k_len),)
+        return ((0, sinks), (local, k_len)) if sinks else ((local, k_len),)
+
 
 @functools.lru_cache(maxsize=8)
 def _blocks(lq: int, lk: int, bs: int, sink: int, local: int, device: torch.device) -> torch.Tensor:
