@@ -82,3 +82,19 @@ def test_site_and_layer_cut_as_the_reference(dtype):
     site = plain
     site.threshold = 10.0  # a new threshold is prepared anew
     assert not site.cut(x, track=False).any()
+
+
+def test_cuts_follow_threshold_updates_and_round_as_the_gemv_stores():
+    """A layer's cut follows thresholds loaded in place; a float threshold is the float32 the GEMV keeps; NaN cuts all."""
+    torch.manual_seed(1)
+    linear = nn.Linear(16, 8)
+    layer = SparseInputLinear(linear, torch.full((16,), 0.1))
+    x = torch.randn(3, 16)
+    before = layer(x)
+    layer.load_state_dict({**layer.state_dict(), "threshold": torch.full((16,), 10.0)})  # copied in place
+    assert torch.allclose(layer(x), linear.bias.expand(3, 8)) and not torch.allclose(before, layer(x))
+    t = 0.7  # float32 rounds it down: float32(0.7) itself is kept by the GEMV's comparison
+    kept = torch.tensor([float(torch.tensor(t, dtype=torch.float32))])
+    assert torch.equal(Site("s", linear, "input", None, threshold=t).cut(kept, track=False), kept)
+    assert not prepare_cut(float("nan"), torch.bfloat16)(torch.ones(4, dtype=torch.bfloat16)).any()
+    assert not prepare_cut(torch.full((4,), float("nan")), torch.float32)(torch.ones(4)).any()

@@ -66,7 +66,8 @@ class Cut:
 def prepare_cut(threshold: float | torch.Tensor | None, dtype: torch.dtype, device: torch.device | str | None = None) -> Cut:
     """The cut at ``threshold`` (a float, or float32 per channel) for inputs of ``dtype`` on ``device``.
 
-    Per-channel thresholds that are all equal become one bound (one kernel).
+    Per-channel thresholds that are all equal become one bound (one kernel). A float threshold is rounded
+    to float32 first, as the GEMV stores it.
     """
     if isinstance(threshold, torch.Tensor):
         values = threshold.detach().float()
@@ -75,6 +76,8 @@ def prepare_cut(threshold: float | torch.Tensor | None, dtype: torch.dtype, devi
             threshold = float(first)
         else:
             return Cut(floor=_rounded_up(values.cpu(), dtype).to(device if device is not None else threshold.device))
+    if threshold is not None and threshold != threshold:  # NaN: no value reaches it, as the GEMV compares
+        return Cut(floor=torch.tensor(float("nan"), dtype=dtype, device=device))
     if threshold is None or not threshold > 0:  # |x| >= t for every x when t <= 0
         return Cut()
-    return Cut(bound=_below(threshold, dtype))
+    return Cut(bound=_below(float(torch.tensor(threshold, dtype=torch.float32)), dtype))  # float32, as the GEMV's

@@ -43,7 +43,7 @@ class SparseInputLinear(nn.Module):
         self.config, self.sparsity = config, sparsity
         self._configs: dict[int, GemvConfig] = {}  # measured, per token bucket
         self._prepared: dict[tuple[int, GemvConfig], PreparedGemv] = {}  # per token count and configuration
-        self._cuts: dict[tuple[torch.dtype, torch.device], Cut] = {}  # the cut outside the GEMV, per input dtype
+        self._cuts: dict[tuple, Cut] = {}  # the cut outside the GEMV, per input dtype, device and thresholds' version
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
@@ -60,9 +60,11 @@ class SparseInputLinear(nn.Module):
 
     def _cut(self, dtype: torch.dtype, device: torch.device) -> Cut:
         """The cut outside the GEMV, prepared once per input dtype and device (the same comparison as the kernel's)."""
-        cut = self._cuts.get((dtype, device))
+        key = (dtype, device, _version(self.threshold))  # the version: in-place writes (load_state_dict) count too
+        cut = self._cuts.get(key)
         if cut is None:
-            cut = self._cuts[(dtype, device)] = prepare_cut(self.threshold, dtype, device)
+            self._cuts.clear()
+            cut = self._cuts[key] = prepare_cut(self.threshold, dtype, device)
         return cut
 
     def _config(self, m: int, dtype: torch.dtype) -> GemvConfig | None:
@@ -93,11 +95,20 @@ class SparseInputLinear(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()  # prepared calls hold compiled kernels, which neither copy nor pickle
         state["_prepared"] = {}
+        state["_cuts"] = {}
         return state
 
     def extra_repr(self) -> str:
         cut = "x != 0" if self.threshold is None else "|x| >= per-channel threshold"
         return f"in_features={self.in_features}, out_features={self.out_features}, keep {cut}"
+
+
+def _version(t: torch.Tensor) -> int | None:
+    """How many in-place writes ``t`` has had (None for an inference tensor, which cannot be written in place later)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 def sparse_input_layers(model: nn.Module, handle) -> dict[str, object]:

@@ -28,7 +28,7 @@ __all__ = ["BlockMask", "block_aligned", "causal_blocks", "finalize", "full", "t
 
 @dataclass
 class BlockMask:
-    blocks: torch.Tensor  # bool [B, H, QB, KB]
+    blocks: torch.Tensor  # bool [B, H, QB, KB]; read-only: a pattern may share it between calls (clone to edit)
     block_size: int
     q_len: int
     k_len: int

@@ -46,9 +46,10 @@ class Streaming(PatternBase):
         return ((0, sinks), (local, k_len)) if sinks else ((local, k_len),)
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)
 def _blocks(lq: int, lk: int, bs: int, sink: int, local: int, device: torch.device) -> torch.Tensor:
-    """The (finalized) ``[QB, KB]`` mask, made once per shape: every layer of a forward pass asks for the same one."""
+    """The (finalized) ``[QB, KB]`` mask, made once per shape: every layer of a forward pass asks for the same one.
+    Shared by every mask handed out for that shape, so it is read-only (as :class:`BlockMask` says)."""
     own = _query_block_starts(lq, lk, bs, device) // bs  # [QB]
     kb = torch.arange(-(-lk // bs), device=device)
     keep = (kb[None, :] < sink) | ((own[:, None] - kb[None, :] >= 0) & (own[:, None] - kb[None, :] < local))
