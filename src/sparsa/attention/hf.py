@@ -31,7 +31,7 @@ from ..errors import InputError, require
 from ..kernels._triton import HAVE_TRITON
 from .backends import BACKENDS, attend
 from .base import PatternBase, make_pattern
-from .masks import causal_blocks
+from .masks import causal_block_count, causal_blocks
 
 __all__ = ["AttentionPolicy", "apply", "remove"]
 
@@ -84,7 +84,7 @@ def _forward(module: nn.Module, query, key, value, attention_mask, dropout: floa
     if ranges is not None:  # one query of a static pattern: attend the slices of the cache it keeps
         bs = policy.pattern.block_size
         kept_blocks = sum(-(-stop // bs) - start // bs for start, stop in ranges)
-        module.sparsa_last_density = kept_blocks / ((k_len - 1) // bs + 1)
+        module.sparsa_last_density = kept_blocks / causal_block_count(1, k_len, bs)
         if len(ranges) > 1:
             key = torch.cat([key[:, :, a:b] for a, b in ranges], dim=2)
             value = torch.cat([value[:, :, a:b] for a, b in ranges], dim=2)
