@@ -237,6 +237,60 @@ def test_hf_streaming_decode_slices_equal_the_block_mask(tiny_llama, monkeypatch
     assert (max(d_sliced) == 1.0) == (local >= 100)  # sparse steps were taken, except where the window is everything
 
 
+@pytest.mark.parametrize("sink,local", [(1, 2), (0, 3), (2, 100)])
+def test_hf_streaming_decode_over_a_static_cache_gathers_what_the_slices_keep(tiny_llama, sink, local):
+    """Under a static cache's mask a decode step finds its slots on the device; it equals the dynamic cache's slices."""
+    from transformers import DynamicCache, StaticCache
+
+    ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(4))
+    apply(tiny_llama, "streaming", min_len=1, block_size=BLOCK, sink_blocks=sink, local_blocks=local)
+
+    def decode(cache, steps=5):
+        logits, densities = [], []
+        with torch.no_grad():
+            out = tiny_llama(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(ids.shape[1]))
+            for step in range(steps):
+                nxt = out.logits[:, -1:].argmax(-1)
+                position = torch.tensor([ids.shape[1] + step])
+                out = tiny_llama(nxt, past_key_values=cache, use_cache=True, cache_position=position)
+                logits.append(out.logits)
+                densities.append(float(tiny_llama.model.layers[0].self_attn.sparsa_last_density))
+        return torch.cat(logits, 1), densities
+
+    gathered, d_gathered = decode(StaticCache(config=tiny_llama.config, max_cache_len=260))
+    sliced, d_sliced = decode(DynamicCache())
+    remove(tiny_llama)
+    assert (gathered - sliced).abs().max() < 1e-5
+    assert d_gathered == pytest.approx(d_sliced, rel=1e-6)
+    assert (max(d_gathered) == 1.0) == (local >= 100)
+
+
+def test_hf_streaming_decode_counts_blocks_from_a_padded_rows_first_token(tiny_llama):
+    """A left-padded row decodes as the same row alone: its sinks are its first tokens, not the padding."""
+    gen = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, 256, (2, 190), generator=gen)
+    pad = 37
+    streaming = dict(min_len=1, block_size=BLOCK, sink_blocks=1, local_blocks=2)
+    with torch.no_grad():  # prefills run dense (a padded prefill does), decode steps sparse
+        mask = torch.ones(2, 191, dtype=torch.long)
+        mask[1, :pad] = 0
+        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = tiny_llama(ids, attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True)
+        nxt = torch.tensor([[7], [9]])
+        apply(tiny_llama, "streaming", **streaming)
+        step = tiny_llama(nxt, attention_mask=mask, position_ids=positions[:, -1:], past_key_values=out.past_key_values,
+                          use_cache=True).logits[:, -1]
+        assert float(tiny_llama.model.layers[0].self_attn.sparsa_last_density) < 1.0
+        alone = []
+        for row, start in ((0, 0), (1, pad)):
+            remove(tiny_llama)
+            o = tiny_llama(ids[row:row + 1, start:], use_cache=True)
+            apply(tiny_llama, "streaming", **streaming)
+            alone.append(tiny_llama(nxt[row:row + 1], past_key_values=o.past_key_values, use_cache=True).logits[:, -1])
+    remove(tiny_llama)
+    assert (step - torch.cat(alone)).abs().max() < 1e-4
+
+
 def test_hf_dense_below_min_len_and_per_layer(tiny_llama):
     ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

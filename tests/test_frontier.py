@@ -325,18 +325,25 @@ def test_ray_gives_the_same_results_as_local(local_run, tiny_dir, tiny_sweep_fil
         assert r["speed"]["prefill_speedup"] == pytest.approx(local[r["id"]]["speed"]["prefill_speedup"], rel=1e-9)
 
 
-@pytest.mark.parametrize("phase, graphed", [("both", False), ("decode", False), ("prefill", True), (None, True)])
-def test_sparse_attention_on_decode_steps_is_timed_eagerly(monkeypatch, phase, graphed):
-    """A static KV cache passes an attention mask, which sparse attention answers densely: no graph for such decoding."""
+@pytest.mark.parametrize("method, phase, graphed", [("quest", "decode", False), ("streaming", "both", True),
+                                                     ("vertical_slash", "prefill", True), (None, None, True)])
+def test_decode_steps_that_pick_keys_from_their_values_are_timed_eagerly(monkeypatch, method, phase, graphed):
+    """Under a static KV cache (a CUDA graph) quest would run dense: its decoding is timed with a dynamic cache only.
+    Streaming finds its slots on the device and is replayed; prefill-only patterns decode densely either way."""
     from types import SimpleNamespace
 
+    from sparsa.attention import make_pattern
     from sparsa.frontier import sweep, timing
     from sparsa.frontier.config import Settings
 
     seen = []
     monkeypatch.setattr(timing, "measure", lambda dense, model, settings, no_graph=None: seen.append(no_graph) or {})
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "a GPU")
-    attention = None if phase is None else {"method": "streaming", "min_len": 1024, "phase": phase}
+    attention = None
+    if method is not None:
+        pattern = make_pattern(method)
+        assert pattern.phase == phase
+        attention = {"method": method, "min_len": 1024, "phase": phase, "graph_decode": pattern.decodes_in_graph}
     sweep._measured_speed(SimpleNamespace(model=None), None, Settings(), False, None, attention)
     assert (seen[0] is None) == graphed
     if not graphed:

@@ -50,3 +50,22 @@ def test_graph_decoding_picks_the_tokens_eager_decoding_picks(tiny_bytes_dir):
         assert decoder.tokens() == eager
         assert decoder.tokens() == eager  # a second run starts again from the context
         assert decoder.tok_s() > 0
+
+
+def test_graph_decoding_with_streaming_attention_runs_sparse(tiny_bytes_dir):
+    """Streaming attention in a captured step (static cache: slots found on the device) picks eager decoding's
+    tokens (dynamic cache: slices), which are not dense decoding's."""
+    from transformers import AutoModelForCausalLM
+
+    from sparsa.attention import apply, remove
+    from sparsa.frontier.timing import GraphDecoder, eager_decode
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_bytes_dir, dtype=torch.float32).cuda().eval()
+    ctx = torch.randint(0, model.config.vocab_size, (1, 90), generator=torch.Generator().manual_seed(2)).cuda()
+    with torch.inference_mode():
+        dense, _ = eager_decode(model, ctx, 16)
+        apply(model, "streaming", min_len=1, block_size=16, sink_blocks=1, local_blocks=1)
+        eager, _ = eager_decode(model, ctx, 16)
+        assert eager != dense  # the check below can tell sparse steps from dense ones
+        assert GraphDecoder(model, ctx, 16).tokens() == eager
+        remove(model)

@@ -44,6 +44,24 @@ class PatternBase:
         a decode step then slices the cache instead of building a mask. None: the pattern must see the keys."""
         return None
 
+    @property
+    def decodes_in_graph(self) -> bool:
+        """Whether a decode step under a static cache runs sparse without reading the keys first
+        (:meth:`decode_key_slots`), so that a CUDA graph replays the sparse step."""
+        return type(self).decode_key_slots is not PatternBase.decode_key_slots
+
+    def decode_key_slots(self, first: torch.Tensor, last: torch.Tensor, k_len: int
+                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:meth:`decode_key_ranges` computed on the device, for a cache whose length the host does not know (a
+        static cache, replayed in a CUDA graph) or whose rows start at different slots (left padding).
+
+        ``first`` and ``last`` (``[B]``) are each row's first valid slot and the query's slot, of ``k_len``
+        slots; the pattern's blocks count from ``first``. Returns ``(index, keep)``, two ``[B, n]`` tensors
+        with ``n`` fixed by the pattern's settings (so the work does not depend on the position): the slots
+        to read, and which of them the query attends. None: the pattern must see the keys.
+        """
+        return None
+
 
 def make_pattern(name: str, **params) -> PatternBase:
     """The registered pattern ``name`` with ``params`` as its settings."""

@@ -11,13 +11,18 @@ whenever sparsity does not apply:
 * the wrong phase: prefill patterns skip decode steps (one query) and
   ``quest`` skips prefills;
 * a padding or sliding-window mask (sliding-window layers are already
-  local), logit soft-capping, or attention dropout in training.
+  local), logit soft-capping, or attention dropout in training; a decode
+  step of a static pattern under a mask is the exception (below).
 
 Otherwise it builds the block mask from the layer's actual queries and keys
-and runs it on the chosen backend; a decode step of a static pattern
+and runs it on the chosen backend. A decode step of a static pattern
 (streaming), whose one query keeps whole ranges of the cache, attends those
-slices with SDPA instead. ``remove(model)`` restores the previous
-attention implementation.
+ranges with SDPA instead: slices of the cache when it holds exactly the
+sequence (a dynamic cache), or, under a mask (a static cache, whose length
+only the device knows, or left padding), slots gathered at positions found
+on the device from the mask, counted from each row's first valid slot, so
+that a CUDA graph can capture the step. ``remove(model)`` restores the
+previous attention implementation.
 """
 
 from __future__ import annotations
@@ -70,16 +75,26 @@ def _forward(module: nn.Module, query, key, value, attention_mask, dropout: floa
 
     policy: AttentionPolicy | None = getattr(module, "sparsa_attention", None)
     q_len, k_len = query.shape[-2], key.shape[-2]
+    if attention_mask is None and 1 < q_len < k_len:
+        # transformers leaves the mask out only where SDPA's top-left causal alignment is right: a first prefill
+        # into a longer static cache, whose slots past the prompt are empty; the patterns align bottom-right
+        key, value, k_len = key[:, :, :q_len], value[:, :, :q_len], q_len
+    slots = (  # a decode step under a mask (a static cache, left padding) of a pattern that keeps whole ranges
+        policy is not None and q_len == 1 and policy.heads is None and policy.pattern.decodes_in_graph
+        and attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.shape[-2] == 1
+    )
     dense = (
         policy is None
         or not policy.applies(q_len, k_len)
-        or attention_mask is not None
+        or (attention_mask is not None and not slots)
         or kwargs.get("sliding_window") is not None
         or kwargs.get("softcap") is not None
         or (dropout > 0 and module.training)
     )
     if dense:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if slots:
+        return _decode_slots(module, policy.pattern, query, key, value, attention_mask, dropout, scaling, kwargs)
     ranges = policy.pattern.decode_key_ranges(k_len) if q_len == 1 and policy.heads is None else None
     if ranges is not None:  # one query of a static pattern: attend the slices of the cache it keeps
         bs = policy.pattern.block_size
@@ -104,6 +119,26 @@ def _forward(module: nn.Module, query, key, value, attention_mask, dropout: floa
     module.sparsa_last_density = mask.density_tensor()  # a GPU scalar: reading it here would stop the GPU every layer
     out = attend(query, key, value, mask, scale=scaling, backend=policy.run_backend(query.device, query.shape[-1]))
     return out.transpose(1, 2).contiguous(), None
+
+
+def _decode_slots(module, pattern: PatternBase, query, key, value, attention_mask, dropout, scaling, kwargs):
+    """One query under a boolean mask: gather the cache slots the pattern keeps, found on the device from the
+    mask (no host sync, so a CUDA graph can capture it), and attend them."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    k_len = key.shape[-2]
+    valid = attention_mask[:, 0, -1, :k_len].expand(key.shape[0], -1)  # [B, Lk]: the slots this query may see
+    position = torch.arange(k_len, device=key.device)
+    first = torch.where(valid, position, k_len).amin(-1)
+    last = torch.where(valid, position, -1).amax(-1)
+    index, keep = pattern.decode_key_slots(first, last, k_len)
+    keep = keep & valid.gather(1, index)
+    bs = pattern.block_size
+    kept_blocks = keep.view(len(keep), -1, bs).any(-1).sum(-1)
+    module.sparsa_last_density = (kept_blocks / ((last - first) // bs + 1)).float().mean()
+    key = key.gather(2, index[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[-1]))
+    value = value.gather(2, index[:, None, :, None].expand(-1, value.shape[1], -1, value.shape[-1]))
+    return sdpa_attention_forward(module, query, key, value, keep[:, None, None, :], dropout=dropout, scaling=scaling, **kwargs)
 
 
 def _register() -> None:

@@ -45,6 +45,18 @@ class Streaming(PatternBase):
             return ((0, k_len),)
         return ((0, sinks), (local, k_len)) if sinks else ((local, k_len),)
 
+    def decode_key_slots(self, first: torch.Tensor, last: torch.Tensor, k_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sink slots, then a window of ``local_blocks`` blocks ending at the query's block; a window slot that
+        is also a sink is read twice and attended once."""
+        bs, sink = self.block_size, self.sink_blocks * self.block_size
+        offset = (last - first)[:, None]  # the query's position from the row's first slot, [B, 1]
+        start = (offset // bs - self.local_blocks + 1) * bs
+        window = start + torch.arange(self.local_blocks * bs, device=first.device)
+        sinks = torch.arange(sink, device=first.device).expand(len(first), -1)
+        keep = torch.cat([sinks <= offset, (window >= sink) & (window >= 0) & (window <= offset)], dim=1)
+        index = (first[:, None] + torch.cat([sinks, window], dim=1)).clamp(0, k_len - 1)
+        return index, keep
+
 
 @functools.lru_cache(maxsize=4)
 def _blocks(lq: int, lk: int, bs: int, sink: int, local: int, device: torch.device) -> torch.Tensor:

@@ -179,8 +179,9 @@ def _measured_speed(base, model, settings: Settings, weights_24: bool, activatio
     from .timing import MEASURE_ROUNDS, measure
 
     no_graph = None
-    if attention is not None and attention["phase"] in ("both", "decode"):
-        no_graph = "sparse attention on decode steps runs with a dynamic KV cache only (a static cache's mask takes the dense path)"
+    if attention is not None and attention["phase"] in ("both", "decode") and not attention["graph_decode"]:
+        no_graph = (f"{attention['method']} picks its keys from their values, which under a static cache (a CUDA "
+                    "graph) it does not do: it runs dense there, so it decodes with a dynamic KV cache only")
     return {"kind": "measured", "device": torch.cuda.get_device_name(), **measure(base.model, model, settings, no_graph),
             "rounds": MEASURE_ROUNDS, "notes": notes}
 
@@ -205,7 +206,8 @@ def _apply(lm, config: Config, settings: Settings):
 
         at = config.attention
         sparse_attention(lm.model, at.method, min_len=at.min_len, **dict(at.settings))
-        attention = {"method": at.method, "min_len": at.min_len, "phase": type(make_pattern(at.method, **dict(at.settings))).phase}
+        pattern = make_pattern(at.method, **dict(at.settings))
+        attention = {"method": at.method, "min_len": at.min_len, "phase": pattern.phase, "graph_decode": pattern.decodes_in_graph}
     return handle, attention
 
 
