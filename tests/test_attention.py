@@ -448,6 +448,47 @@ print("kept lists interpreter ok")
 """
 
 
+SLOT_ATTENTION_BODY = r"""
+import torch
+from sparsa.kernels.slot_attention import slot_attention
+
+def reference(q, k, v, index, keep, scale):
+    b, h, _, d = q.shape
+    group = h // k.shape[1]
+    out = torch.empty(b, 1, h, d, dtype=torch.float64)
+    for r in range(b):
+        slots = index[r][keep[r]]
+        for head in range(h):
+            kk, vv = k[r, head // group, slots].double(), v[r, head // group, slots].double()
+            p = torch.softmax(q[r, head, 0].double() @ kk.T * scale, dim=-1)
+            out[r, 0, head] = p @ vv
+    return out
+
+gen = torch.Generator().manual_seed(11)
+for b, h, hkv, d, length, n in ((2, 9, 3, 64, 300, 192), (1, 4, 4, 80, 90, 70), (3, 8, 2, 32, 500, 130)):
+    q = torch.randn(b, h, 1, d, generator=gen)
+    k, v = torch.randn(b, hkv, length, d, generator=gen), torch.randn(b, hkv, length, d, generator=gen)
+    index = torch.randint(0, length, (b, n), generator=gen)
+    keep = torch.rand(b, n, generator=gen) < 0.7
+    keep[:, :64] = False  # a whole chunk of nothing kept
+    keep[:, -1] = True
+    scale = 0.3
+    out = slot_attention(q, k, v, index, keep, scale)
+    ref = reference(q, k, v, index, keep, scale)
+    err = ((out.double() - ref).norm() / ref.norm()).item()
+    assert out.shape == (b, 1, h, d) and err < 1e-5, (b, h, hkv, d, err)
+print("slot attention interpreter ok")
+"""
+
+
+def test_slot_attention_under_the_interpreter(tmp_path):
+    """The decode kernel over chosen slots equals a float64 softmax over the kept slots (grouped heads, a head
+    size that is not a power of two, a chunk with nothing kept, several rows)."""
+    from triton_interpreter import run_interpreted
+
+    assert "slot attention interpreter ok" in run_interpreted(SLOT_ATTENTION_BODY, tmp_path)
+
+
 def test_selection_kernels_under_the_interpreter(tmp_path):
     """The Triton selection keeps exactly the entries the stock sort and cumulative sum keep (no ties here),
     and the kept-block lists equal the stock rank scatter."""

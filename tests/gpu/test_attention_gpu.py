@@ -156,3 +156,74 @@ def test_hf_auto_backend_on_cuda(head_dim, expected):
         flex = model(ids).logits.float()
         remove(model)
     assert ((auto - flex).norm() / flex.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b,h,hkv,d,length,n", [(1, 9, 3, 64, 2083, 576), (2, 32, 8, 128, 5000, 320), (3, 4, 4, 80, 300, 130)])
+def test_slot_attention_matches_float64(dtype, b, h, hkv, d, length, n):
+    """The decode kernel over chosen cache slots equals a float64 softmax over the kept slots, fresh inputs."""
+    from sparsa.kernels.slot_attention import slot_attention
+
+    g = torch.Generator(device="cuda").manual_seed(b * 1000 + n)
+    q = torch.randn(b, h, 1, d, device="cuda", generator=g).to(dtype)
+    k = torch.randn(b, hkv, length, d, device="cuda", generator=g).to(dtype)
+    v = torch.randn(b, hkv, length, d, device="cuda", generator=g).to(dtype)
+    index = torch.randint(0, length, (b, n), device="cuda", generator=g)
+    keep = torch.rand(b, n, device="cuda", generator=g) < 0.8
+    keep[:, :64] = False  # a chunk of nothing kept
+    keep[:, -1] = True
+    out = slot_attention(q, k, v, index, keep, 0.125)
+    group = h // hkv
+    ref = torch.empty(b, 1, h, d, dtype=torch.float64, device="cuda")
+    for r in range(b):
+        slots = index[r][keep[r]]
+        kk = k[r, :, slots].double().repeat_interleave(group, 0)  # [H, kept, D]
+        vv = v[r, :, slots].double().repeat_interleave(group, 0)
+        p = torch.softmax((q[r].double() @ kk.transpose(1, 2)) * 0.125, dim=-1)  # [H, 1, kept]
+        ref[r, 0] = (p @ vv)[:, 0]
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_hf_streaming_decode_over_a_static_cache_runs_the_slot_kernel():
+    """In bf16 on a GPU a static cache's decode step reads its slots with the kernel, and matches the dynamic
+    cache's slices (SDPA) within bf16 rounding."""
+    from transformers import DynamicCache, LlamaForCausalLM, StaticCache
+
+    from sparsa.attention import apply, remove
+    from sparsa.kernels import slot_attention as kernel
+    from conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(256, max_position_embeddings=1024)).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(0, 256, (1, 300), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+    calls = []
+    original = kernel.slot_attention
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    apply(model, "streaming", min_len=1, block_size=32, sink_blocks=1, local_blocks=2)
+
+    def decode(cache):
+        logits = []
+        with torch.no_grad():
+            out = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(300, device="cuda"))
+            for step in range(4):  # the same tokens for both caches: bf16 rounding may not steer them apart
+                nxt = ids[:, step:step + 1]
+                out = model(nxt, past_key_values=cache, use_cache=True, cache_position=torch.tensor([300 + step], device="cuda"))
+                logits.append(out.logits.float())
+        return torch.cat(logits, 1)
+
+    import sparsa.attention.hf as hf
+
+    hf.slot_attention, saved = counted, hf.slot_attention
+    try:
+        static = decode(StaticCache(config=model.config, max_cache_len=320))
+    finally:
+        hf.slot_attention = saved
+    dynamic = decode(DynamicCache())
+    remove(model)
+    assert len(calls) == 4 * model.config.num_hidden_layers
+    assert ((static - dynamic).norm() / dynamic.norm()).item() < 2e-2

@@ -19,9 +19,10 @@ and runs it on the chosen backend. A decode step of a static pattern
 (streaming), whose one query keeps whole ranges of the cache, attends those
 ranges with SDPA instead: slices of the cache when it holds exactly the
 sequence (a dynamic cache), or, under a mask (a static cache, whose length
-only the device knows, or left padding), slots gathered at positions found
-on the device from the mask, counted from each row's first valid slot, so
-that a CUDA graph can capture the step. ``remove(model)`` restores the
+only the device knows, or left padding), the slots at positions found on
+the device from the mask, counted from each row's first valid slot, so that
+a CUDA graph can capture the step: read in place by a Triton kernel on a GPU
+(:mod:`sparsa.kernels.slot_attention`), gathered for SDPA elsewhere. ``remove(model)`` restores the
 previous attention implementation.
 """
 
@@ -33,7 +34,8 @@ import torch
 import torch.nn as nn
 
 from ..errors import InputError, require
-from ..kernels._triton import HAVE_TRITON
+from ..kernels._triton import HAVE_TRITON, half_on_gpu
+from ..kernels.slot_attention import slot_attention
 from .backends import BACKENDS, attend
 from .base import PatternBase, make_pattern
 from .masks import causal_block_count, causal_blocks
@@ -128,6 +130,8 @@ def _decode_slots(module, pattern: PatternBase, query, key, value, attention_mas
 
     index, keep, density = _slots(pattern, attention_mask, key.shape[0], key.shape[-2])
     module.sparsa_last_density = density
+    if half_on_gpu(query, key, value) and key.stride(-1) == value.stride(-1) == 1 and key.shape[-1] == value.shape[-1]:
+        return slot_attention(query, key, value, index, keep, scaling), None  # reads the slots in place
     key = key.gather(2, index[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[-1]))
     value = value.gather(2, index[:, None, :, None].expand(-1, value.shape[1], -1, value.shape[-1]))
     return sdpa_attention_forward(module, query, key, value, keep[:, None, None, :], dropout=dropout, scaling=scaling, **kwargs)
