@@ -291,6 +291,61 @@ def test_hf_streaming_decode_counts_blocks_from_a_padded_rows_first_token(tiny_l
     assert (step - torch.cat(alone)).abs().max() < 1e-4
 
 
+def test_hf_streaming_decode_follows_a_mask_updated_in_place(tiny_llama):
+    """The slots are found once per forward pass, not once per mask object: a caller that updates one mask tensor
+    in place from step to step decodes as one that passes a fresh mask each time."""
+    from transformers import StaticCache
+
+    ids = torch.randint(0, 256, (1, 150), generator=torch.Generator().manual_seed(6))
+    steps = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(7))
+    apply(tiny_llama, "streaming", min_len=1, block_size=BLOCK, sink_blocks=1, local_blocks=1)
+
+    def decode(reuse: bool):
+        cache = StaticCache(config=tiny_llama.config, max_cache_len=200)
+        mask = torch.zeros(1, 1, 1, 200, dtype=torch.bool)
+        logits = []
+        with torch.no_grad():
+            tiny_llama(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(150))
+            for step in range(steps.shape[1]):
+                position = 150 + step
+                if reuse:
+                    mask[..., : position + 1] = True
+                    given = mask
+                else:
+                    given = torch.zeros(1, 1, 1, 200, dtype=torch.bool)
+                    given[..., : position + 1] = True
+                out = tiny_llama(steps[:, step:step + 1], attention_mask=given, past_key_values=cache, use_cache=True,
+                                 cache_position=torch.tensor([position]), position_ids=torch.tensor([[position]]))
+                logits.append(out.logits)
+        return torch.cat(logits, 1)
+
+    reused, fresh = decode(True), decode(False)
+    remove(tiny_llama)
+    assert (reused - fresh).abs().max() < 1e-5
+
+
+def test_hf_non_causal_attention_stays_dense(tiny_llama):
+    """The patterns are causal: a bidirectional (or cross) attention module runs transformers' SDPA untouched."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from sparsa.attention.hf import _forward
+
+    apply(tiny_llama, "streaming", min_len=1, block_size=BLOCK, sink_blocks=1, local_blocks=1)
+    module = tiny_llama.model.layers[0].self_attn
+    gen = torch.Generator().manual_seed(8)
+    heads, kv_heads = tiny_llama.config.num_attention_heads, tiny_llama.config.num_key_value_heads
+    q = torch.randn(1, heads, 100, 16, generator=gen)
+    k, v = torch.randn(1, kv_heads, 300, 16, generator=gen), torch.randn(1, kv_heads, 300, 16, generator=gen)
+    try:
+        module.is_causal = False
+        ours = _forward(module, q, k, v, None, scaling=0.25)[0]
+        reference = sdpa_attention_forward(module, q, k, v, None, scaling=0.25)[0]
+    finally:
+        module.is_causal = True
+        remove(tiny_llama)
+    assert torch.equal(ours, reference)
+
+
 def test_hf_dense_below_min_len_and_per_layer(tiny_llama):
     ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

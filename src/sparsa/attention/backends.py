@@ -173,7 +173,7 @@ def triton_kernel(q, k, v, mask: BlockMask, scale: float | None = None, **launch
     _check(q, k, v, mask)
     lq = q.shape[-2]
     qp, _, front = block_aligned(q, k, mask.block_size)
-    counts, indices = kept_lists(mask.blocks)
+    counts, indices = mask.derived("kept_lists", lambda: kept_lists(mask.blocks))
     first = (mask.k_len - mask.q_len) // mask.block_size * mask.block_size
     out = block_sparse_attention(qp, k, v, counts, indices, mask.block_size, first, scale, **launch)
     return out[:, :, front : front + lq]

@@ -77,17 +77,19 @@ def _forward(module: nn.Module, query, key, value, attention_mask, dropout: floa
 
     policy: AttentionPolicy | None = getattr(module, "sparsa_attention", None)
     q_len, k_len = query.shape[-2], key.shape[-2]
-    if attention_mask is None and 1 < q_len < k_len:
-        # transformers leaves the mask out only where SDPA's top-left causal alignment is right: a first prefill
-        # into a longer static cache, whose slots past the prompt are empty; the patterns align bottom-right
-        key, value, k_len = key[:, :, :q_len], value[:, :, :q_len], q_len
+    causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    # transformers leaves a causal mask out with fewer queries than keys only where SDPA's top-left alignment is
+    # right: a first prefill into a longer static cache, whose slots past the prompt are empty. The patterns
+    # align bottom-right, so they see the prompt's keys only.
+    prompt_only = attention_mask is None and 1 < q_len < k_len and causal and kwargs.get("position_bias") is None
     slots = (  # a decode step under a mask (a static cache, left padding) of a pattern that keeps whole ranges
         policy is not None and q_len == 1 and policy.heads is None and policy.pattern.decodes_in_graph
         and attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.shape[-2] == 1
     )
     dense = (
         policy is None
-        or not policy.applies(q_len, k_len)
+        or not causal  # the patterns are causal: a bidirectional or cross attention stays dense
+        or not policy.applies(q_len, q_len if prompt_only else k_len)
         or (attention_mask is not None and not slots)
         or kwargs.get("sliding_window") is not None
         or kwargs.get("softcap") is not None
@@ -95,6 +97,8 @@ def _forward(module: nn.Module, query, key, value, attention_mask, dropout: floa
     )
     if dense:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if prompt_only:
+        key, value, k_len = key[:, :, :q_len], value[:, :, :q_len], q_len
     if slots:
         return _decode_slots(module, policy.pattern, query, key, value, attention_mask, dropout, scaling, kwargs)
     ranges = policy.pattern.decode_key_ranges(k_len) if q_len == 1 and policy.heads is None else None
@@ -116,7 +120,7 @@ def _forward(module: nn.Module, query, key, value, attention_mask, dropout: floa
     del expanded
     if policy.heads is not None:
         dense_heads = [h for h in range(heads) if h not in policy.heads]
-        mask.blocks = mask.blocks.clone()  # a pattern may hand out a cached or expanded mask
+        mask = dataclasses.replace(mask, blocks=mask.blocks.clone())  # a pattern may hand out a shared mask
         mask.blocks[:, dense_heads] = causal_blocks(q_len, k_len, mask.block_size, query.device)
     module.sparsa_last_density = mask.density_tensor()  # a GPU scalar: reading it here would stop the GPU every layer
     out = attend(query, key, value, mask, scale=scaling, backend=policy.run_backend(query.device, query.shape[-1]))
@@ -130,7 +134,8 @@ def _decode_slots(module, pattern: PatternBase, query, key, value, attention_mas
 
     index, keep, density = _slots(pattern, attention_mask, key.shape[0], key.shape[-2])
     module.sparsa_last_density = density
-    if half_on_gpu(query, key, value) and key.stride(-1) == value.stride(-1) == 1 and key.shape[-1] == value.shape[-1]:
+    if half_on_gpu(query, key, value) and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1 \
+            and key.shape[-1] == value.shape[-1]:
         return slot_attention(query, key, value, index, keep, scaling), None  # reads the slots in place
     key = key.gather(2, index[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[-1]))
     value = value.gather(2, index[:, None, :, None].expand(-1, value.shape[1], -1, value.shape[-1]))
@@ -140,14 +145,21 @@ def _decode_slots(module, pattern: PatternBase, query, key, value, attention_mas
 _SLOTS: list = []  # the slots of the forward pass under way: [(mask, pattern, batch, k_len), (index, keep, density)]
 
 
+def _forget_slots(*_) -> None:
+    """A model's forward pass begins or ends: the slots found in it are not to be reused (a caller may update
+    one mask tensor in place from step to step)."""
+    _SLOTS.clear()
+
+
 def _slots(pattern: PatternBase, attention_mask: torch.Tensor, batch: int, k_len: int):
     """``(index, keep, density)`` of the slots a decode step keeps, made once per forward pass: every layer gets
     the same mask object, and each layer paying a dozen small kernels for it would cost more than attention saves.
-    The entry holds the mask, so a later mask cannot take its ``id``; replaying a CUDA graph reruns the kernels
+    The model's forward hooks empty the cache at both ends of a pass; replaying a CUDA graph reruns the kernels
     of the first layer's call into the same tensors."""
     key = (attention_mask, pattern, batch, k_len)
-    if _SLOTS and _SLOTS[0][0] is attention_mask and _SLOTS[0][1:] == key[1:]:
-        return _SLOTS[1]
+    cached = list(_SLOTS)
+    if cached and cached[0][0] is attention_mask and cached[0][1:] == key[1:]:
+        return cached[1]
     valid = attention_mask[:, 0, -1, :k_len].expand(batch, -1)  # [B, Lk]: the slots this query may see
     position = torch.arange(k_len, device=attention_mask.device)
     first = torch.where(valid, position, k_len).amin(-1)
@@ -157,8 +169,9 @@ def _slots(pattern: PatternBase, attention_mask: torch.Tensor, batch: int, k_len
     bs = pattern.block_size
     kept_blocks = keep.view(batch, -1, bs).any(-1).sum(-1)
     density = (kept_blocks / ((last - first) // bs + 1)).float().mean()
-    _SLOTS[:] = [key, (index, keep, density)]
-    return _SLOTS[1]
+    found = (index, keep, density)
+    _SLOTS[:] = [key, found]
+    return found
 
 
 def _register() -> None:
@@ -192,7 +205,8 @@ def apply(
     ``layers``: decoder layer indices to make sparse (default all; negative
     counts from the end). ``heads``: query-head indices made sparse in those
     layers (default all). ``min_len``: below this many keys attention stays
-    dense. ``backend``: ``auto`` (on CUDA our Triton kernel for head dims up
+    dense (a decode step under a static cache counts the cache's capacity,
+    the only length the host knows there). ``backend``: ``auto`` (on CUDA our Triton kernel for head dims up
     to 128, FlexAttention otherwise; on a CPU the masked dense path, in chunks
     of query rows), ``flex``, ``triton``, ``masked`` or ``reference``.
     """
@@ -228,6 +242,8 @@ def apply(
         module.sparsa_attention = policy if chosen is None or index in chosen else None
     if getattr(model.config, "_attn_implementation", None) != NAME:
         model.sparsa_previous_attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if not getattr(model, "sparsa_slot_hooks", None):
+        model.sparsa_slot_hooks = (model.register_forward_pre_hook(_forget_slots), model.register_forward_hook(_forget_slots))
     model.set_attn_implementation(NAME)
     return model
 
@@ -236,6 +252,10 @@ def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`apply`: dense attention with the previous implementation."""
     for _, module in _attention_modules(model):
         module.sparsa_attention = None
+    for hook in getattr(model, "sparsa_slot_hooks", None) or ():
+        hook.remove()
+    model.sparsa_slot_hooks = None
+    _forget_slots()
     previous = getattr(model, "sparsa_previous_attention", None)
     if previous is not None:
         model.set_attn_implementation(previous)

@@ -16,7 +16,7 @@ each query block's diagonal block, so that every query sees at least itself.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -28,10 +28,19 @@ __all__ = ["BlockMask", "block_aligned", "causal_blocks", "finalize", "full", "t
 
 @dataclass
 class BlockMask:
-    blocks: torch.Tensor  # bool [B, H, QB, KB]; read-only: a pattern may share it between calls (clone to edit)
+    blocks: torch.Tensor  # bool [B, H, QB, KB]; read-only: a pattern may share it between calls (replace, never edit)
     block_size: int
     q_len: int
     k_len: int
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def derived(self, name: str, make):
+        """``make()``, computed once per ``blocks`` tensor: a mask a pattern hands out for many calls (streaming's,
+        one per shape) pays for what the backends derive from it (density, kept-block lists) once."""
+        entry = self._derived.get(name)
+        if entry is None or entry[0] is not self.blocks:
+            entry = self._derived[name] = (self.blocks, make())
+        return entry[1]
 
     @property
     def q_offset(self) -> int:
@@ -43,8 +52,8 @@ class BlockMask:
 
     def density_tensor(self) -> torch.Tensor:
         """:meth:`density` as a float32 scalar on the mask's device: reading it later does not stop the GPU now."""
-        causal = causal_block_count(self.q_len, self.k_len, self.block_size)
-        return self.blocks.sum(dtype=torch.float32) / float(causal * self.blocks.shape[0] * self.blocks.shape[1])
+        causal = causal_block_count(self.q_len, self.k_len, self.block_size) * self.blocks.shape[0] * self.blocks.shape[1]
+        return self.derived("density", lambda: self.blocks.sum(dtype=torch.float32) / float(causal))
 
     def sparsity(self) -> float:
         return 1.0 - self.density()

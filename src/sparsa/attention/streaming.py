@@ -32,8 +32,7 @@ class Streaming(PatternBase):
 
     def mask(self, q: torch.Tensor, k: torch.Tensor) -> BlockMask:
         b, h, lq, _ = q.shape
-        blocks = _blocks(lq, k.shape[-2], self.block_size, self.sink_blocks, self.local_blocks, q.device)
-        return BlockMask(blocks.expand(b, h, *blocks.shape), self.block_size, lq, k.shape[-2])
+        return _mask(b, h, lq, k.shape[-2], self.block_size, self.sink_blocks, self.local_blocks, q.device)
 
     def decode_key_ranges(self, k_len: int) -> tuple[tuple[int, int], ...]:
         """The sink blocks and the window of local blocks ending at the query's own block (merged where they meet)."""
@@ -59,10 +58,12 @@ class Streaming(PatternBase):
 
 
 @functools.lru_cache(maxsize=4)
-def _blocks(lq: int, lk: int, bs: int, sink: int, local: int, device: torch.device) -> torch.Tensor:
-    """The (finalized) ``[QB, KB]`` mask, made once per shape: every layer of a forward pass asks for the same one.
-    Shared by every mask handed out for that shape, so it is read-only (as :class:`BlockMask` says)."""
+def _mask(b: int, h: int, lq: int, lk: int, bs: int, sink: int, local: int, device: torch.device) -> BlockMask:
+    """The mask, made once per shape: every layer of a forward pass asks for the same one, and what the backends
+    derive from it (kept-block lists, density) is then made once too. Shared, so read-only (as :class:`BlockMask`
+    says)."""
     own = _query_block_starts(lq, lk, bs, device) // bs  # [QB]
     kb = torch.arange(-(-lk // bs), device=device)
     keep = (kb[None, :] < sink) | ((own[:, None] - kb[None, :] >= 0) & (own[:, None] - kb[None, :] < local))
-    return finalize(keep, lq, lk, bs).blocks
+    blocks = finalize(keep, lq, lk, bs).blocks
+    return BlockMask(blocks.expand(b, h, *blocks.shape), bs, lq, lk)

@@ -18,6 +18,7 @@ Triton is imported here only, and guarded, like the 2:4 kernels.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -161,9 +162,15 @@ def kept_block_lists(blocks: torch.Tensor, rows_per_program: int = 8) -> tuple[t
     return counts.reshape(blocks.shape[:-1]), indices.reshape(blocks.shape)
 
 
+@functools.lru_cache(maxsize=None)
+def _major(device: int | None) -> int:
+    """The GPU's compute capability major (asked once per device: the query costs more than a small launch)."""
+    return torch.cuda.get_device_capability(device)[0]
+
+
 def _tma_ready(*tensors: torch.Tensor) -> bool:
     """TMA descriptors need a power-of-two head dim and 16-byte aligned rows (and a GPU that has TMA)."""
-    if not all(t.is_cuda for t in tensors) or torch.cuda.get_device_capability(tensors[0].device)[0] < 9:
+    if not all(t.is_cuda for t in tensors) or _major(tensors[0].device.index) < 9:
         return False
     d = tensors[0].shape[-1]
     return (d & (d - 1)) == 0 and 16 <= d <= 256 and all(

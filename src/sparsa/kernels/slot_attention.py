@@ -44,7 +44,7 @@ if HAVE_TRITON:
                              D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
         row = tl.program_id(0)  # b * HKV + key-value head
         chunk = tl.program_id(1)
-        b = row // HKV
+        b = (row // HKV).to(tl.int64)  # offsets into a large cache pass 2**31
         kvh = row % HKV
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, BLOCK_D)
@@ -106,8 +106,8 @@ def slot_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: tor
     if q_len != 1 or heads % kv_heads or k.shape[-1] != dim or v.shape[:3] != k.shape[:3] or v.shape[-1] != dim:
         raise ValueError(f"slot_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit "
                          "(one query; query heads a multiple of key-value heads; one head size)")
-    if k.stride(-1) != 1 or v.stride(-1) != 1:
-        raise ValueError("slot_attention: the cache's head dimension must be contiguous")
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("slot_attention: the query's and the cache's head dimension must be contiguous")
     if index.shape != keep.shape or index.shape[0] != bsz:
         raise ValueError(f"slot_attention: index {tuple(index.shape)} and keep {tuple(keep.shape)} must both be [{bsz}, n]")
     n = index.shape[1]
