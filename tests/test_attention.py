@@ -291,9 +291,10 @@ def test_hf_streaming_decode_counts_blocks_from_a_padded_rows_first_token(tiny_l
     assert (step - torch.cat(alone)).abs().max() < 1e-4
 
 
-def test_hf_streaming_decode_follows_a_mask_updated_in_place(tiny_llama):
+@pytest.mark.parametrize("inner", [False, True])
+def test_hf_streaming_decode_follows_a_mask_updated_in_place(tiny_llama, inner):
     """The slots are found once per forward pass, not once per mask object: a caller that updates one mask tensor
-    in place from step to step decodes as one that passes a fresh mask each time."""
+    in place from step to step decodes as one that passes a fresh mask each time, through the model or its body."""
     from transformers import StaticCache
 
     ids = torch.randint(0, 256, (1, 150), generator=torch.Generator().manual_seed(6))
@@ -314,9 +315,10 @@ def test_hf_streaming_decode_follows_a_mask_updated_in_place(tiny_llama):
                 else:
                     given = torch.zeros(1, 1, 1, 200, dtype=torch.bool)
                     given[..., : position + 1] = True
-                out = tiny_llama(steps[:, step:step + 1], attention_mask=given, past_key_values=cache, use_cache=True,
-                                 cache_position=torch.tensor([position]), position_ids=torch.tensor([[position]]))
-                logits.append(out.logits)
+                out = (tiny_llama.model if inner else tiny_llama)(
+                    steps[:, step:step + 1], attention_mask=given, past_key_values=cache, use_cache=True,
+                    cache_position=torch.tensor([position]), position_ids=torch.tensor([[position]]))
+                logits.append(out.last_hidden_state if inner else out.logits)
         return torch.cat(logits, 1)
 
     reused, fresh = decode(True), decode(False)
@@ -325,7 +327,8 @@ def test_hf_streaming_decode_follows_a_mask_updated_in_place(tiny_llama):
 
 
 def test_hf_non_causal_attention_stays_dense(tiny_llama):
-    """The patterns are causal: a bidirectional (or cross) attention module runs transformers' SDPA untouched."""
+    """The patterns are causal: a bidirectional (or cross) attention module runs transformers' SDPA untouched, and
+    so does a call with a position bias; ``is_causal=None`` means the module's own setting."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from sparsa.attention.hf import _forward
@@ -336,14 +339,23 @@ def test_hf_non_causal_attention_stays_dense(tiny_llama):
     heads, kv_heads = tiny_llama.config.num_attention_heads, tiny_llama.config.num_key_value_heads
     q = torch.randn(1, heads, 100, 16, generator=gen)
     k, v = torch.randn(1, kv_heads, 300, 16, generator=gen), torch.randn(1, kv_heads, 300, 16, generator=gen)
+    q_square, k_square, v_square = q[:, :, :100], k[:, :, :100], v[:, :, :100]
     try:
         module.is_causal = False
         ours = _forward(module, q, k, v, None, scaling=0.25)[0]
         reference = sdpa_attention_forward(module, q, k, v, None, scaling=0.25)[0]
+        module.is_causal = True
+        # is_causal=None means the module's own (causal): sparse; a position bias keeps transformers' path
+        sparse = _forward(module, q_square, k_square, v_square, None, scaling=0.25, is_causal=None)[0]
+        causal = sdpa_attention_forward(module, q_square, k_square, v_square, None, scaling=0.25)[0]
+        bias = torch.zeros(1, heads, 100, 100)
+        biased = _forward(module, q_square, k_square, v_square, None, scaling=0.25, position_bias=bias)[0]
     finally:
         module.is_causal = True
         remove(tiny_llama)
     assert torch.equal(ours, reference)
+    assert (sparse - causal).abs().max() > 1e-3
+    assert (biased - causal).abs().max() < 1e-5
 
 
 def test_hf_dense_below_min_len_and_per_layer(tiny_llama):
@@ -401,6 +413,25 @@ for dtype in (torch.float32, torch.bfloat16):
                 worst = max(worst, err)
 print(f"attention interpreter ok, worst {worst:.2e}")
 """
+
+
+def test_a_shared_mask_is_listed_once_and_its_lists_are_kept_with_it():
+    """Streaming's mask (one per shape, expanded over rows and heads) is listed once, expanded, equal to listing
+    every row; the lists and density are made once per mask."""
+    from sparsa.attention.backends import kept_lists
+
+    pattern = make_pattern("streaming", block_size=16, local_blocks=2)
+    q = torch.randn(2, 4, 100, 8)
+    mask = pattern.mask(q, q)
+    assert pattern.mask(q, q) is mask
+    counts, indices = kept_lists(mask.blocks)
+    assert counts.stride()[:2] == (0, 0) and indices.stride()[:2] == (0, 0)
+    full_counts, full_indices = kept_lists(mask.blocks.clone())
+    assert torch.equal(counts, full_counts) and torch.equal(indices, full_indices)
+    made = []
+    first = mask.derived("lists", lambda: made.append(1) or kept_lists(mask.blocks))
+    assert mask.derived("lists", lambda: made.append(1)) is first and made == [1]
+    assert mask.density_tensor() is mask.density_tensor()
 
 
 def test_triton_block_sparse_kernel_under_the_interpreter(tmp_path):

@@ -93,7 +93,12 @@ def _flex_fn(device: torch.device):
 
 
 def kept_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per query block, how many key blocks are kept and which (ascending, in the first ``count`` entries; the rest 0): int32."""
+    """Per query block, how many key blocks are kept and which (ascending, in the first ``count`` entries; the rest 0): int32.
+
+    A mask shared by every batch row and head (expanded, as streaming's is) is listed once and expanded alike."""
+    if blocks.dim() == 4 and blocks.stride(0) == 0 and blocks.stride(1) == 0:
+        counts, indices = kept_lists(blocks[0, 0])
+        return counts.expand(*blocks.shape[:3]), indices.expand(blocks.shape)
     if blocks.is_cuda and HAVE_TRITON:
         from ..kernels.block_sparse_attn import kept_block_lists
 

@@ -77,11 +77,12 @@ def _forward(module: nn.Module, query, key, value, attention_mask, dropout: floa
 
     policy: AttentionPolicy | None = getattr(module, "sparsa_attention", None)
     q_len, k_len = query.shape[-2], key.shape[-2]
-    causal = kwargs.get("is_causal", getattr(module, "is_causal", True))
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else causal
     # transformers leaves a causal mask out with fewer queries than keys only where SDPA's top-left alignment is
     # right: a first prefill into a longer static cache, whose slots past the prompt are empty. The patterns
     # align bottom-right, so they see the prompt's keys only.
-    prompt_only = attention_mask is None and 1 < q_len < k_len and causal and kwargs.get("position_bias") is None
+    prompt_only = attention_mask is None and 1 < q_len < k_len and causal
     slots = (  # a decode step under a mask (a static cache, left padding) of a pattern that keeps whole ranges
         policy is not None and q_len == 1 and policy.heads is None and policy.pattern.decodes_in_graph
         and attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.shape[-2] == 1
@@ -89,6 +90,7 @@ def _forward(module: nn.Module, query, key, value, attention_mask, dropout: floa
     dense = (
         policy is None
         or not causal  # the patterns are causal: a bidirectional or cross attention stays dense
+        or kwargs.get("position_bias") is not None  # a bias over the keys (T5-style) is not ours to drop
         or not policy.applies(q_len, q_len if prompt_only else k_len)
         or (attention_mask is not None and not slots)
         or kwargs.get("sliding_window") is not None
@@ -146,15 +148,15 @@ _SLOTS: list = []  # the slots of the forward pass under way: [(mask, pattern, b
 
 
 def _forget_slots(*_) -> None:
-    """A model's forward pass begins or ends: the slots found in it are not to be reused (a caller may update
-    one mask tensor in place from step to step)."""
+    """A forward pass reaches its first attention layer or leaves its last: the slots found in it are not to be
+    reused (a caller may update one mask tensor in place from step to step)."""
     _SLOTS.clear()
 
 
 def _slots(pattern: PatternBase, attention_mask: torch.Tensor, batch: int, k_len: int):
     """``(index, keep, density)`` of the slots a decode step keeps, made once per forward pass: every layer gets
     the same mask object, and each layer paying a dozen small kernels for it would cost more than attention saves.
-    The model's forward hooks empty the cache at both ends of a pass; replaying a CUDA graph reruns the kernels
+    Hooks on the first and last attention modules empty the cache at both ends of a pass; replaying a CUDA graph reruns the kernels
     of the first layer's call into the same tensors."""
     key = (attention_mask, pattern, batch, k_len)
     cached = list(_SLOTS)
@@ -242,8 +244,9 @@ def apply(
         module.sparsa_attention = policy if chosen is None or index in chosen else None
     if getattr(model.config, "_attn_implementation", None) != NAME:
         model.sparsa_previous_attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
-    if not getattr(model, "sparsa_slot_hooks", None):
-        model.sparsa_slot_hooks = (model.register_forward_pre_hook(_forget_slots), model.register_forward_hook(_forget_slots))
+    if not getattr(model, "sparsa_slot_hooks", None):  # on the first and last attention: any wrapper's pass has both
+        model.sparsa_slot_hooks = (modules[0][1].register_forward_pre_hook(_forget_slots),
+                                   modules[-1][1].register_forward_hook(_forget_slots))
     model.set_attn_implementation(NAME)
     return model
 

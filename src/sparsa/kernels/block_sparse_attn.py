@@ -202,8 +202,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, co
         raise ValueError(f"block-sparse attention: q {tuple(q.shape)}, k {tuple(k.shape)}, block {block}, "
                          f"block_m {block_m}, first {first} do not fit")
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    counts = counts.to(torch.int32).contiguous()
-    indices = indices.to(torch.int32).contiguous()
+    # the lists may be expanded over rows and heads (stride 0): the kernel reads them through their strides
+    counts, indices = (t.to(torch.int32) for t in (counts, indices))
+    counts, indices = (t if t.stride(-1) == 1 else t.contiguous() for t in (counts, indices))
     out = torch.empty_like(q)
     block_d = max(16, triton.next_power_of_2(d))
     tma = _tma_ready(q, k, v, out) if tma is None else tma

@@ -45,7 +45,7 @@ if HAVE_TRITON:
         row = tl.program_id(0)  # b * HKV + key-value head
         chunk = tl.program_id(1)
         b = (row // HKV).to(tl.int64)  # offsets into a large cache pass 2**31
-        kvh = row % HKV
+        kvh = (row % HKV).to(tl.int64)
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, BLOCK_D)
         d_ok = d < D
