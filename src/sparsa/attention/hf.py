@@ -22,8 +22,8 @@ sequence (a dynamic cache), or, under a mask (a static cache, whose length
 only the device knows, or left padding), the slots at positions found on
 the device from the mask, counted from each row's first valid slot, so that
 a CUDA graph can capture the step: read in place by a Triton kernel on a GPU
-(:mod:`sparsa.kernels.slot_attention`), gathered for SDPA elsewhere. ``remove(model)`` restores the
-previous attention implementation.
+(:mod:`sparsa.kernels.slot_attention`), gathered for SDPA elsewhere.
+``remove(model)`` restores the previous attention implementation.
 """
 
 from __future__ import annotations
@@ -156,8 +156,8 @@ def _forget_slots(*_) -> None:
 def _slots(pattern: PatternBase, attention_mask: torch.Tensor, batch: int, k_len: int):
     """``(index, keep, density)`` of the slots a decode step keeps, made once per forward pass: every layer gets
     the same mask object, and each layer paying a dozen small kernels for it would cost more than attention saves.
-    Hooks on the first and last attention modules empty the cache at both ends of a pass; replaying a CUDA graph reruns the kernels
-    of the first layer's call into the same tensors."""
+    Hooks on the first and last attention modules empty the cache at both ends of a pass; replaying a CUDA graph
+    reruns the kernels of the first layer's call into the same tensors."""
     key = (attention_mask, pattern, batch, k_len)
     cached = list(_SLOTS)
     if cached and cached[0][0] is attention_mask and cached[0][1:] == key[1:]:
@@ -208,9 +208,10 @@ def apply(
     counts from the end). ``heads``: query-head indices made sparse in those
     layers (default all). ``min_len``: below this many keys attention stays
     dense (a decode step under a static cache counts the cache's capacity,
-    the only length the host knows there). ``backend``: ``auto`` (on CUDA our Triton kernel for head dims up
-    to 128, FlexAttention otherwise; on a CPU the masked dense path, in chunks
-    of query rows), ``flex``, ``triton``, ``masked`` or ``reference``.
+    the only length the host knows there). ``backend``: ``auto`` (on CUDA our
+    Triton kernel for head dims up to 128, FlexAttention otherwise; on a CPU
+    the masked dense path, in chunks of query rows), ``flex``, ``triton``,
+    ``masked`` or ``reference``.
     """
     name = type(model).__name__
     require(hasattr(model, "set_attn_implementation") and hasattr(model, "config"),
