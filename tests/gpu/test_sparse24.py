@@ -118,7 +118,7 @@ def test_triton_every_config(n, k, dtype, bias):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_cusparselt_path(n, k, dtype):
-    from sparsa.kernels.cusparselt import Algorithm
+    from sparsa.kernels.cusparselt import SEARCH_FINALISTS, Algorithm
 
     lin = make_linear(n, k, dtype, bias=True, seed=1)
     layer = SparseLinear24.from_linear(lin, "cslt")
@@ -133,6 +133,8 @@ def test_cusparselt_path(n, k, dtype):
             check(layer.run(x, "cusparselt"), ref, f"cusparselt cached plan m={m} {n}x{k} {dtype}")
         found = layer.cslt.algorithm_for(dispatch.bucket(m))
         assert found is not None
+        finalists = list(layer.cslt.search_us.values())[-1]  # this search's: timed again in alternating rounds
+        assert 1 <= len(finalists) <= SEARCH_FINALISTS and found.key() == min(finalists, key=finalists.get)
         with nan_filled_allocations():  # a fresh plan with the stored algorithm
             layer.cslt._plans.clear()
             check(layer.run(x, "cusparselt", algorithm=Algorithm.from_key(found.key())), ref, f"cusparselt {found.key()} m={m}")

@@ -51,7 +51,7 @@ class _Rotating:
 
 
 def _bench(fn, rep_ms: float) -> float:
-    from .dispatch import time_us
+    from .timing import time_us
 
     return time_us(fn, torch.device("cuda"), budget_ms=rep_ms)
 
@@ -112,6 +112,8 @@ def _run_case(case: dict, ours, w, stock_w, stock_error, rep_ms: float, dispatch
         case.update(path=path, triton_config=None if config is None else config.key(),
                     cslt_algorithm=None if algorithm is None else algorithm.key())
         plan = dispatch.plan_for(ours, dispatch.bucket(m))
+        if getattr(ours, "cslt", None) is not None and dispatch.bucket(m) in ours.cslt.search_us:
+            case["cslt_search_us"] = ours.cslt.search_us[dispatch.bucket(m)]  # the search's finalists
         case["dispatch_us"] = {p: (None if not math.isfinite(t) else round(t, 2)) for p, t in plan.times_us.items()}
         if plan.errors:
             case["dispatch_errors"] = plan.errors

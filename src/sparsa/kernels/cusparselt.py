@@ -15,9 +15,10 @@ descriptors, algorithm and workspace are made once, and each call is one
 ``cusparseLtMatmul`` on torch's current stream. The algorithm comes from our
 own search, run once per token bucket (the first ``M`` seen in it) and reused
 by every plan of that bucket: each configuration id cuSPARSELt offers gets its
-own plan (so its own, correctly sized workspace) and is timed with CUDA
-events. Split-K stays at the library's default: on an H200 (cuSPARSELt 0.8) a
-sweep of split-K settings at 16-128 tokens found nothing faster, and several
+own plan (so its own, correctly sized workspace) and is timed as the
+dispatcher times paths; the three fastest are timed again with their calls
+interleaved (:meth:`CsltWeight._search`). Split-K stays at the library's
+default: on an H200 (cuSPARSELt 0.8) a sweep of split-K settings at 16-128 tokens found nothing faster, and several
 fp16 split-K plans stopped the CUDA context with an illegal instruction.
 cuSPARSELt's built-in ``cusparseLtMatmulSearch`` is not used: on an
 H100 with cuSPARSELt 0.8 it returned "internal error" and left the CUDA
@@ -60,7 +61,8 @@ _CUDA_TYPE = {torch.float16: 2, torch.bfloat16: 14}  # cudaDataType: CUDA_R_16F,
 _OPAQUE_BYTES = 2048  # handle and descriptors are opaque structs of 512 (0.10) or 1024 (older) bytes
 ALIGN_ROWS, ALIGN_K, ALIGN_M = 16, 16, 8
 PLANS_PER_WEIGHT = 8
-SEARCH_REPS = 5
+SEARCH_FINALISTS = 3
+SEARCH_FINAL_MS = 200.0  # GPU time for timing the finalists side by side
 # Configuration ids tried by the search at most. On Hopper, bf16 offers 21 and fp16 more than 32, but fp16's ids
 # past 31 stopped the CUDA context with an illegal instruction (H200, cuSPARSELt 0.8, 2026-12-03).
 MAX_CONFIGS = 32
@@ -317,6 +319,7 @@ class CsltWeight:
         )
         torch.cuda.current_stream(self.device).synchronize()  # scratch is freed on return
         self.algorithms: dict[int, Algorithm] = {}  # token bucket -> the search's choice
+        self.search_us: dict[int, dict[str, float]] = {}  # tokens searched at -> the finalists' median times
         self._plans: OrderedDict[int, _Plan] = OrderedDict()
 
     def nbytes(self) -> int:
@@ -349,31 +352,37 @@ class CsltWeight:
         return plan
 
     def _search(self, x: torch.Tensor, y: torch.Tensor) -> _Plan:
-        """Time every configuration id on ``x`` (into ``y``) and keep the fastest one's plan."""
+        """Time every configuration id on ``x`` (into ``y``) and keep the fastest one's plan.
+
+        Each id is timed as the dispatcher times paths (:func:`~sparsa.kernels.timing.time_us`:
+        L2 flushed, median of several calls). The ``SEARCH_FINALISTS`` fastest are
+        then timed again with their calls interleaved (:func:`~sparsa.kernels.timing.time_each`),
+        so that they meet the same clocks: timed one after another at 4096-16384
+        tokens, the same id's median moved by up to 15% between passes (H200, power
+        capped), more than separates the best ids.
+        """
+        from .timing import time_each, time_us
+
         m = x.shape[0]
-        best, best_ms = _Plan(self, m, Algorithm(0)), math.inf
-        last = min(best.max_config_id(), MAX_CONFIGS - 1)
+        default = _Plan(self, m, Algorithm(0))
+        last = min(default.max_config_id(), MAX_CONFIGS - 1)
+        timed: list[tuple[float, int, _Plan]] = []
         for config_id in range(last + 1):
             try:
-                plan = best if config_id == 0 else _Plan(self, m, Algorithm(config_id))
-                ms = self._time(plan, x, y)
+                plan = default if config_id == 0 else _Plan(self, m, Algorithm(config_id))
+                plan.run(x, y)  # the status check
             except CsltError:
                 continue  # a configuration this problem does not support
-            if ms < best_ms:
-                best, best_ms = plan, ms
-        return best
-
-    def _time(self, plan: _Plan, x: torch.Tensor, y: torch.Tensor) -> float:
-        plan.run(x, y)  # warm-up, and the status check
-        times = []
-        for _ in range(SEARCH_REPS):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            plan.run(x, y)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        return sorted(times)[len(times) // 2]
+            timed.append((time_us(lambda plan=plan: plan.run(x, y), self.device), config_id, plan))
+            timed = sorted(timed, key=lambda t: t[:2])[:SEARCH_FINALISTS]  # the others' workspaces are freed
+        if not timed:
+            return default
+        finalists = {plan.algorithm.key(): plan for _, _, plan in timed}
+        medians = time_each({key: (lambda plan=plan: plan.run(x, y)) for key, plan in finalists.items()},
+                            self.device, budget_ms=SEARCH_FINAL_MS)
+        self.search_us.pop(m, None)  # the newest search last
+        self.search_us[m] = {key: round(t, 2) for key, t in medians.items()}
+        return finalists[min(medians, key=medians.get)]
 
     def matmul(self, x: torch.Tensor, bucket: int | None = None, algorithm: Algorithm | None = None,
                out: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,16 +14,11 @@ timed once on the real device, and the decision is kept in memory and on disk:
 * ``dense``: ``F.linear`` (cuBLAS) on the dense weight (decompressed for the
   measurement when the layer keeps none).
 
-Timing: CUDA events around each call, the L2 cache flushed before every call
-by *reading* a 128 MiB buffer (see :func:`flush_l2`), then the GPU held busy
-for about 0.2 ms (``LEAD_CYCLES``) while the call is issued: the events then
-time the GPU's work even where issuing a small kernel from Python takes the
-CPU longer than the flush takes the GPU, and the GPU is not left idle between
-repetitions. The decision is therefore the GPU's: what a call costs the CPU
-(which bounds eager decoding without CUDA graphs) is not in it. Warm-up calls for at
-least ``WARM_MS`` of GPU time (which also compile Triton kernels and bring
-the clocks up after compilation left the GPU idle), the median of several
-repetitions. Dense is timed before and after the sparse candidates and keeps
+Timing: :func:`sparsa.kernels.timing.time_us` (the L2 cache flushed before
+every call, the GPU kept busy while the call is issued, the median of several
+repetitions). The decision is therefore the GPU's: what a call costs the CPU
+(which bounds eager decoding without CUDA graphs) is not in it. Dense is timed
+before and after the sparse candidates and keeps
 the faster of the two, so a slow first measurement cannot make a sparse path
 look better than it is. Each sparse output is also checked against the dense
 product before it is timed; a path that disagrees is discarded.
@@ -40,7 +35,7 @@ Cache file (a :class:`~sparsa.kernels.decisions.DecisionCache`):
 ``<cache_dir>/dispatch-<gpu-name>.json`` (``cache_dir()`` from
 :mod:`sparsa.models.loading`, ``$SPARSA_CACHE`` or ``~/.cache/sparsa``)::
 
-    {"format": 6, "device": "NVIDIA H100 80GB HBM3",
+    {"format": 7, "device": "NVIDIA H100 80GB HBM3",
      "versions": {"torch": "...", "triton": "...", "cusparselt": "..."},
      "entries": {"4096x4096:m16:bfloat16": {
          "times_us": {"dense": 14.1, "triton": 8.9, "cusparselt": 31.0},
@@ -57,22 +52,19 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
-import statistics
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from .decisions import DecisionCache, shape_key
+from .timing import flush_l2, time_us
 
 __all__ = ["BUCKETS", "MARGIN", "Plan", "bucket", "cache_path", "choose", "flush_l2", "plan_for", "time_us"]
 
 BUCKETS = tuple(1 << i for i in range(15))  # 1 .. 16384
 MARGIN = 0.01
-FORMAT = 6  # 6: launch costs kept out of the timings (older cached decisions are measured again)
-FLUSH_BYTES = 128 << 20
-WARM_MS = 5.0
-LEAD_CYCLES = 400_000  # GPU clock cycles of busy-waiting before each timed call: ~0.2 ms at 2 GHz
+FORMAT = 7  # 7: cuSPARSELt ids picked with their calls interleaved; 6: launch costs kept out (older decisions are measured again)
 TOLERANCE = 2e-2  # relative Frobenius error a sparse path may show against dense (fp16/bf16 rounding)
 SPARSE_PATHS = ("triton", "cusparselt")
 
@@ -165,69 +157,6 @@ clear_memory = _CACHE.clear_memory
 
 
 # --------------------------------------------------------------------------- measuring
-
-_FLUSH: dict[torch.device, torch.Tensor] = {}
-
-
-def _flush_buffer(device: torch.device) -> torch.Tensor:
-    buf = _FLUSH.get(device)
-    if buf is None:
-        buf = torch.empty(FLUSH_BYTES // 4, dtype=torch.int32, device=device)
-        _FLUSH[device] = buf
-    return buf
-
-
-def flush_l2(device: torch.device) -> None:
-    """Evict the L2 cache by reading a buffer larger than it.
-
-    Reading leaves L2 full of clean lines, as a decode step finds it (the
-    previous layer's weights). A write flush (``zero_()``, as common
-    benchmark helpers do) leaves up to the whole L2 dirty, and the timed
-    kernel then pays for writing that back: on an H100 this doubled the time
-    of a 4096 x 4096 GEMV and pulled every ratio towards 1.
-    """
-    torch.sum(_flush_buffer(device))
-
-
-def time_us(fn, device: torch.device, reps: int = 10, warmup: int = 3, budget_ms: float | None = None) -> float:
-    """Median GPU time of ``fn()`` on ``device`` in microseconds, L2 flushed before each call.
-
-    ``budget_ms``: instead of ``reps``, as many repetitions as fit in that much GPU time (5 to 200).
-    """
-    with torch.cuda.device(device):  # the events and the busy-wait go to the current device's stream
-        return _time_us(fn, device, reps, warmup, budget_ms)
-
-
-def _time_us(fn, device: torch.device, reps: int, warmup: int, budget_ms: float | None) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize(device)
-    start = torch.cuda.Event(enable_timing=True)
-    end = torch.cuda.Event(enable_timing=True)
-    flush_l2(device)
-    torch.cuda._sleep(LEAD_CYCLES)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize(device)
-    first_ms = start.elapsed_time(end)
-    for _ in range(min(200, int(WARM_MS / max(first_ms, 0.01)))):  # clocks up before the timed calls
-        fn()
-    if budget_ms is not None:
-        reps = max(5, min(200, int(budget_ms / max(first_ms, 0.001))))
-    elif first_ms > 5.0:  # a long call: its median settles with fewer repetitions
-        reps = max(3, min(reps, int(50.0 / first_ms)))
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
-    for i in range(reps):
-        flush_l2(device)
-        torch.cuda._sleep(LEAD_CYCLES)  # the call is queued before the GPU reaches its start event
-        starts[i].record()
-        fn()
-        ends[i].record()
-    torch.cuda.synchronize(device)
-    return 1000.0 * statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
-
 
 def _rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     ref32 = ref.float()
