@@ -1,23 +1,28 @@
-"""Streaming attention on a real model's decode steps, eager and replayed from a CUDA graph, against dense.
+"""Sparse attention on a real model's decode steps (streaming or quest), eager and from a CUDA graph, against dense.
 
-    PYTHONPATH=src python benchmarks/attention_decode.py [--model PATH] [--contexts 2048,8000] [--name attention_decode]
+    PYTHONPATH=src python benchmarks/attention_decode.py [--pattern streaming|quest] [--model PATH]
+        [--contexts 2048,8000] [--name attention_decode]
 
 The model (default: the embedded SmolLM2-135M-Instruct) runs in bfloat16 on
-the GPU, dense and with streaming attention (``--sink`` sink blocks and
-``--local`` local blocks of 64 tokens; ``min_len`` 1024). At each context
-length :func:`sparsa.frontier.timing.measure` times both, as the frontier
-does: a prefill of the context, greedy decode steps after it eagerly (a
-dynamic cache: a streaming step attends two slices of it) and replayed from
-a CUDA graph (a static cache: the step finds its slots on the device), in
-alternating rounds, each speedup the median of the per-round ratios.
+the GPU, dense and with sparse attention in blocks of 64 tokens (``min_len``
+1024): streaming (``--sink`` sink blocks and ``--local`` local blocks) or
+quest (``--pages`` pages chosen per query head, besides its own). At each
+context length :func:`sparsa.frontier.timing.measure` times both, as the
+frontier does: a prefill of the context, greedy decode steps after it
+eagerly (a dynamic cache: a streaming step attends two slices of it, a
+quest step bounds every page from the keys) and replayed from a CUDA graph
+(a static cache: the step chooses its slots on the device; quest keeps its
+page bounds from step to step), in alternating rounds, each speedup the
+median of the per-round ratios.
 
 Before timing, the graph's tokens are checked against eager decoding's for
-the streaming model: the two ways of finding the slots must pick the same
-tokens.
+the sparse model: the two ways of choosing the slots should pick the same
+tokens (quest's eager and graph steps run different bf16 kernels, so a near
+tie may break differently).
 
-Goals: the graph and eager decodings of streaming pick the same tokens at
-every context; at the longest context, streaming's graph decode is not
-slower than dense's (sparsa's rule: never slower than dense).
+Goals: the graph and eager decodings pick the same tokens at every context;
+at the longest context, the sparse graph decode is not slower than dense's
+(sparsa's rule: never slower than dense).
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="decode steps timed per round")
     parser.add_argument("--sink", type=int, default=1)
     parser.add_argument("--local", type=int, default=8)
+    parser.add_argument("--pattern", choices=("streaming", "quest"), default="streaming")
+    parser.add_argument("--pages", type=int, default=16, help="quest: pages per query head besides its own")
     parser.add_argument("--name", default="attention_decode")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -49,9 +56,11 @@ def main() -> None:
 
     lm = load_model(args.model, device="cuda", dtype="bfloat16")
     dense = lm.model.eval()
-    sparse = apply(copy.deepcopy(dense), "streaming", sink_blocks=args.sink, local_blocks=args.local, min_len=1024)
+    settings_of = {"streaming": dict(sink_blocks=args.sink, local_blocks=args.local), "quest": dict(pages=args.pages)}
+    pattern = {"method": args.pattern, **settings_of[args.pattern], "block_size": 64, "min_len": 1024}
+    sparse = apply(copy.deepcopy(dense), args.pattern, min_len=1024, **settings_of[args.pattern])
     rows = []
-    print(f"{'context':>8} {'prefill':>8} {'eager decode':>13} {'graph decode':>13} {'graph tok/s dense -> streaming':>32}  tokens")
+    print(f"{'context':>8} {'prefill':>8} {'eager decode':>13} {'graph decode':>13} {'graph tok/s dense -> ' + args.pattern:>32}  tokens")
     for context in [int(c) for c in args.contexts.split(",")]:
         settings = Settings(prefill_tokens=context, decode_context=context, decode_tokens=args.steps)
         ctx = torch.randint(0, dense.config.vocab_size, (1, context), generator=torch.Generator().manual_seed(context)).cuda()
@@ -69,15 +78,14 @@ def main() -> None:
               f"  {'same' if not mismatches else f'{mismatches} differ'}")
     longest = rows[-1]
     goals = [
-        goal("decode tokens differing between graph and eager streaming, all contexts",
+        goal(f"decode tokens differing between graph and eager {args.pattern}, all contexts",
              float(sum(r["token_mismatches"] for r in rows)), 0.0),
-        goal(f"streaming graph decode tokens/s over dense at {longest['context']} tokens",
+        goal(f"{args.pattern} graph decode tokens/s over dense at {longest['context']} tokens",
              longest.get("decode_graph_speedup", float("nan")), 1.0, better="higher"),
     ]
     print_goals(goals)
     path = write_results(args.name, {
-        "model": f"{lm.source} (bfloat16)", "pattern": {"method": "streaming", "sink_blocks": args.sink,
-                                                         "local_blocks": args.local, "block_size": 64, "min_len": 1024},
+        "model": f"{lm.source} (bfloat16)", "pattern": pattern,
         "steps": args.steps, "rounds": MEASURE_ROUNDS, "rows": rows,
     }, goals)
     print(f"saved {path}")

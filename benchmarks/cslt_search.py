@@ -4,8 +4,8 @@
 
 For each Llama-3 layer shape, dtype and token count: a fresh 2:4 weight runs
 sparsa's search (:meth:`sparsa.kernels.cusparselt.CsltWeight._search`), and a
-single-pass search as sparsa ran it until 2026-12-04 (each id in turn, five
-calls timed back to back with CUDA events, the median). The reference then
+re-run of the single pass sparsa searched with until 2026-12-04 (each id in
+turn, five calls timed back to back with CUDA events, the median). The reference then
 times every configuration id the way the dispatcher and ``linear24.py`` judge
 a path (L2 flushed before each call), all ids' calls interleaved so that they
 meet the same clocks (:func:`sparsa.kernels.timing.time_each`). Each pick's
@@ -31,7 +31,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="8B", help="which models' shapes, comma-separated (8B, 70B)")
     parser.add_argument("--tokens", default="4096,16384", help="token counts M, comma-separated (multiples of 8)")
-    parser.add_argument("--budget-ms", type=float, default=1500.0,
+    parser.add_argument("--budget-ms", type=float, default=800.0,
                         help="GPU time for the reference: every id's calls interleaved (at least 5 calls each)")
     parser.add_argument("--name", default="cslt_search", help="results file name (benchmarks/results/NAME.json)")
     args = parser.parse_args()
@@ -39,7 +39,7 @@ def main() -> None:
         sys.exit("cslt_search.py needs a CUDA GPU")
     from sparsa.kernels import cusparselt_available
     from sparsa.kernels.bench_linear import DTYPES, SHAPES
-    from sparsa.kernels.cusparselt import MAX_CONFIGS, Algorithm, CsltWeight, PreparedMatmul, library_version
+    from sparsa.kernels.cusparselt import MAX_CONFIGS, Algorithm, CsltError, CsltWeight, PreparedMatmul, library_version
     from sparsa.kernels.sparse24 import random_24
     from sparsa.kernels.timing import time_each
 
@@ -67,8 +67,13 @@ def main() -> None:
                     prepared = {}
                     for config_id in range(MAX_CONFIGS):  # the ids the search tries
                         call = PreparedMatmul(w, x, m, Algorithm(config_id))
-                        if call.plan.algorithm.config_id == config_id:  # else it fell back to id 0: no such id here
-                            prepared[call.plan.algorithm.key()] = call
+                        if call.plan.algorithm.config_id != config_id:
+                            continue  # it fell back to id 0: no such id for this problem
+                        try:
+                            call(x)  # the status check, as the search makes it
+                        except CsltError:
+                            continue
+                        prepared[call.plan.algorithm.key()] = call
                     one_pass = {key: cuda_median_ms(lambda c=call: c(x), reps=5, warmup=1) for key, call in prepared.items()}
                     old_pick = min(one_pass, key=one_pass.get)
                     ref = time_each({key: (lambda c=call: c(x)) for key, call in prepared.items()}, device,

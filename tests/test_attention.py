@@ -377,6 +377,76 @@ def test_hf_quest_decoding_with_every_page_equals_dense(tiny_llama):
         assert torch.equal(tiny_llama.generate(ids, max_new_tokens=8, do_sample=False), dense)
 
 
+@pytest.mark.parametrize("pages", [2, 3, 100])
+def test_hf_quest_decode_over_a_static_cache_chooses_what_the_dynamic_cache_chooses(tiny_llama, pages):
+    """Under a static cache quest keeps page bounds from step to step and chooses on the device; its steps equal
+    the dynamic cache's, which bound every page from the keys each step (grouped heads: 4 query, 2 key-value)."""
+    from transformers import DynamicCache, StaticCache
+
+    ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(8))
+    apply(tiny_llama, "quest", min_len=1, block_size=BLOCK, pages=pages)
+
+    def decode(cache, steps=6):
+        logits, densities = [], []
+        with torch.no_grad():
+            out = tiny_llama(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(ids.shape[1]))
+            for step in range(steps):  # 200 + 6 tokens cross into a new page of 32
+                nxt = out.logits[:, -1:].argmax(-1)
+                position = torch.tensor([ids.shape[1] + step])
+                out = tiny_llama(nxt, past_key_values=cache, use_cache=True, cache_position=position)
+                logits.append(out.logits)
+                densities.append(float(tiny_llama.model.layers[0].self_attn.sparsa_last_density))
+        return torch.cat(logits, 1), densities
+
+    static_cache = StaticCache(config=tiny_llama.config, max_cache_len=300)
+    chosen, d_chosen = decode(static_cache)
+    bounds = tiny_llama.model.layers[0].self_attn.sparsa_state["quest"]
+    static_cache.reset()  # zeroed in place, as generate() does
+    again, _ = decode(static_cache)  # a second prompt into the same cache: its prefill renews the bounds in place
+    assert tiny_llama.model.layers[0].self_attn.sparsa_state["quest"] is bounds
+    dynamic, d_dynamic = decode(DynamicCache())
+    remove(tiny_llama)
+    assert (chosen - dynamic).abs().max() < 1e-5 and (again - dynamic).abs().max() < 1e-5
+    assert d_chosen == pytest.approx(d_dynamic, rel=1e-6)
+    assert (max(d_chosen) == 1.0) == (pages >= 100)  # sparse steps were taken, except where every page is kept
+
+
+def test_hf_quest_decode_counts_pages_from_a_padded_rows_first_token(tiny_llama):
+    """A left-padded row decodes under quest as the same row alone (its pages start at its first token)."""
+    from transformers import StaticCache
+
+    gen = torch.Generator().manual_seed(9)
+    ids = torch.randint(0, 256, (2, 190), generator=gen)
+    pad = 37
+    quest = dict(min_len=1, block_size=BLOCK, pages=2)
+    mask = torch.ones(2, 192, dtype=torch.long)
+    mask[1, :pad] = 0
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    nxt = torch.tensor([[7], [9]])
+    apply(tiny_llama, "quest", **quest)
+    with torch.no_grad():
+        cache = StaticCache(config=tiny_llama.config, max_cache_len=256)
+        tiny_llama(ids, attention_mask=mask[:, :-2], position_ids=positions[:, :-2], past_key_values=cache,
+                   use_cache=True, cache_position=torch.arange(190))
+        steps = []
+        for i, token in enumerate((nxt, nxt + 1)):
+            at = 190 + i
+            steps.append(tiny_llama(token, attention_mask=mask[:, :at + 1], position_ids=positions[:, at:at + 1],
+                                    past_key_values=cache, use_cache=True, cache_position=torch.tensor([at])).logits[:, -1])
+        assert float(tiny_llama.model.layers[0].self_attn.sparsa_last_density) < 1.0
+        alone = []
+        for row, start in ((0, 0), (1, pad)):
+            o = tiny_llama(ids[row:row + 1, start:], use_cache=True)
+            got = []
+            for token in (nxt, nxt + 1):
+                o = tiny_llama(token[row:row + 1], past_key_values=o.past_key_values, use_cache=True)
+                got.append(o.logits[:, -1])
+            alone.append(got)
+    remove(tiny_llama)
+    for i in range(2):
+        assert (steps[i] - torch.cat([alone[0][i], alone[1][i]])).abs().max() < 1e-4
+
+
 def test_hf_rejects_what_it_cannot_serve(tiny_llama):
     with pytest.raises(InputError, match="not a Hugging Face"):
         apply(torch.nn.Linear(2, 2), "streaming")
@@ -543,21 +613,24 @@ def reference(q, k, v, index, keep, scale):
     group = h // k.shape[1]
     out = torch.empty(b, 1, h, d, dtype=torch.float64)
     for r in range(b):
-        slots = index[r][keep[r]]
         for head in range(h):
+            slots = index[r, head][keep[r, head]] if index.dim() == 3 else index[r][keep[r]]
             kk, vv = k[r, head // group, slots].double(), v[r, head // group, slots].double()
             p = torch.softmax(q[r, head, 0].double() @ kk.T * scale, dim=-1)
             out[r, 0, head] = p @ vv
     return out
 
 gen = torch.Generator().manual_seed(11)
-for b, h, hkv, d, length, n in ((2, 9, 3, 64, 300, 192), (1, 4, 4, 80, 90, 70), (3, 8, 2, 32, 500, 130)):
+cases = ((2, 9, 3, 64, 300, 192, False), (1, 4, 4, 80, 90, 70, False), (3, 8, 2, 32, 500, 130, False),
+         (2, 9, 3, 64, 300, 150, True), (1, 4, 1, 80, 90, 70, True))  # True: a list of slots per query head
+for b, h, hkv, d, length, n, per_head in cases:
     q = torch.randn(b, h, 1, d, generator=gen)
     k, v = torch.randn(b, hkv, length, d, generator=gen), torch.randn(b, hkv, length, d, generator=gen)
-    index = torch.randint(0, length, (b, n), generator=gen)
-    keep = torch.rand(b, n, generator=gen) < 0.7
-    keep[:, :64] = False  # a whole chunk of nothing kept
-    keep[:, -1] = True
+    lists = (b, h, n) if per_head else (b, n)
+    index = torch.randint(0, length, lists, generator=gen)
+    keep = torch.rand(lists, generator=gen) < 0.7
+    keep[..., :64] = False  # a whole chunk of nothing kept
+    keep[..., -1] = True
     scale = 0.3
     out = slot_attention(q, k, v, index, keep, scale)
     ref = reference(q, k, v, index, keep, scale)
@@ -567,9 +640,46 @@ print("slot attention interpreter ok")
 """
 
 
+PAGE_SELECT_BODY = r"""
+import torch
+from sparsa.attention.quest import PageBounds, Quest
+from sparsa.kernels.page_select import select_pages
+
+gen = torch.Generator().manual_seed(12)
+cases = ((2, 4, 2, 16, 300, 16, 3, (0, 37), (250, 299)),  # grouped heads, a padded row, its last slot the cache's
+         (1, 6, 3, 24, 200, 32, 10, (0,), (100,)),  # more pages asked than exist up to the query
+         (1, 2, 1, 8, 128, 16, 2, (5,), (5,)))  # the query is the row's first slot
+for b, h, hkv, d, length, bs, pages, pads, lasts in cases:
+    q = torch.randn(b, h, 1, d, generator=gen)
+    key = torch.randn(b, hkv, length, d, generator=gen)
+    first, last = torch.tensor(pads), torch.tensor(lasts)
+    slot = torch.arange(length)
+    valid = (slot >= first[:, None]) & (slot <= last[:, None])
+    before = PageBounds.of(key, first, valid & (slot < last[:, None]), bs)  # the prefill's: not the step's own key
+    count = min(pages, before.lo.shape[2])
+    state = {"quest": PageBounds(before.cache, before.lo.clone(), before.hi.clone())}
+    want_index, want_keep, want_density = Quest(block_size=bs, pages=pages).decode_query_slots(q, key, first, last, valid, state)
+    lo, hi = before.lo.clone(), before.hi.clone()
+    index, keep, share = select_pages(q, key, lo, hi, first, last, valid, count, bs)
+    assert torch.equal(keep, want_keep), (b, h, keep.sum(), want_keep.sum())
+    assert torch.equal(index[keep], want_index[want_keep])
+    assert abs(float(share.mean()) - float(want_density)) < 1e-6
+    assert torch.equal(lo, state["quest"].lo) and torch.equal(hi, state["quest"].hi)
+print("page select interpreter ok")
+"""
+
+
+def test_page_select_under_the_interpreter(tmp_path):
+    """Quest's one-launch choice of pages keeps exactly the slots the stock operations keep, and widens the page
+    bounds by the step's key as they do (grouped heads, a left-padded row, fewer pages than asked, a first step)."""
+    from triton_interpreter import run_interpreted
+
+    assert "page select interpreter ok" in run_interpreted(PAGE_SELECT_BODY, tmp_path)
+
+
 def test_slot_attention_under_the_interpreter(tmp_path):
     """The decode kernel over chosen slots equals a float64 softmax over the kept slots (grouped heads, a head
-    size that is not a power of two, a chunk with nothing kept, several rows)."""
+    size that is not a power of two, a chunk with nothing kept, several rows, one list per query head)."""
     from triton_interpreter import run_interpreted
 
     assert "slot attention interpreter ok" in run_interpreted(SLOT_ATTENTION_BODY, tmp_path)

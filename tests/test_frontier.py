@@ -325,11 +325,13 @@ def test_ray_gives_the_same_results_as_local(local_run, tiny_dir, tiny_sweep_fil
         assert r["speed"]["prefill_speedup"] == pytest.approx(local[r["id"]]["speed"]["prefill_speedup"], rel=1e-9)
 
 
-@pytest.mark.parametrize("method, phase, graphed", [("quest", "decode", False), ("streaming", "both", True),
-                                                     ("vertical_slash", "prefill", True), (None, None, True)])
-def test_decode_steps_that_pick_keys_from_their_values_are_timed_eagerly(monkeypatch, method, phase, graphed):
-    """Under a static KV cache (a CUDA graph) quest would run dense: its decoding is timed with a dynamic cache only.
-    Streaming finds its slots on the device and is replayed; prefill-only patterns decode densely either way."""
+@pytest.mark.parametrize("method, phase, graphed", [("quest", "decode", True), ("streaming", "both", True),
+                                                     ("vertical_slash", "prefill", True), (None, None, True),
+                                                     ("host_only", "decode", False)])
+def test_decode_steps_are_graph_timed_where_the_pattern_chooses_on_the_device(monkeypatch, method, phase, graphed):
+    """Quest (page bounds kept on the device) and streaming (slots by position) choose their slots of a static KV
+    cache on the device and are replayed; prefill-only patterns decode densely either way. A decode pattern that
+    could not choose on the device (here a stand-in) would run dense in a graph: it is timed with a dynamic cache."""
     from types import SimpleNamespace
 
     from sparsa.attention import make_pattern
@@ -340,7 +342,9 @@ def test_decode_steps_that_pick_keys_from_their_values_are_timed_eagerly(monkeyp
     monkeypatch.setattr(timing, "measure", lambda dense, model, settings, no_graph=None: seen.append(no_graph) or {})
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "a GPU")
     attention = None
-    if method is not None:
+    if method == "host_only":
+        attention = {"method": method, "min_len": 1024, "phase": phase, "graph_decode": False}
+    elif method is not None:
         pattern = make_pattern(method)
         assert pattern.phase == phase
         attention = {"method": method, "min_len": 1024, "phase": phase, "graph_decode": pattern.decodes_in_graph}

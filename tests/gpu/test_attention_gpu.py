@@ -158,29 +158,31 @@ def test_hf_auto_backend_on_cuda(head_dim, expected):
     assert ((auto - flex).norm() / flex.norm()).item() < 2e-2
 
 
+@pytest.mark.parametrize("per_head", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("b,h,hkv,d,length,n", [(1, 9, 3, 64, 2083, 576), (2, 32, 8, 128, 5000, 320), (3, 4, 4, 80, 300, 130)])
-def test_slot_attention_matches_float64(dtype, b, h, hkv, d, length, n):
-    """The decode kernel over chosen cache slots equals a float64 softmax over the kept slots, fresh inputs."""
+def test_slot_attention_matches_float64(dtype, b, h, hkv, d, length, n, per_head):
+    """The decode kernel over chosen cache slots equals a float64 softmax over the kept slots, fresh inputs;
+    one list of slots for every head, or one per query head (quest)."""
     from sparsa.kernels.slot_attention import slot_attention
 
-    g = torch.Generator(device="cuda").manual_seed(b * 1000 + n)
+    g = torch.Generator(device="cuda").manual_seed(b * 1000 + n + per_head)
     q = torch.randn(b, h, 1, d, device="cuda", generator=g).to(dtype)
     k = torch.randn(b, hkv, length, d, device="cuda", generator=g).to(dtype)
     v = torch.randn(b, hkv, length, d, device="cuda", generator=g).to(dtype)
-    index = torch.randint(0, length, (b, n), device="cuda", generator=g)
-    keep = torch.rand(b, n, device="cuda", generator=g) < 0.8
-    keep[:, :64] = False  # a chunk of nothing kept
-    keep[:, -1] = True
+    lists = (b, h, n) if per_head else (b, n)
+    index = torch.randint(0, length, lists, device="cuda", generator=g)
+    keep = torch.rand(lists, device="cuda", generator=g) < 0.8
+    keep[..., :64] = False  # a chunk of nothing kept
+    keep[..., -1] = True
     out = slot_attention(q, k, v, index, keep, 0.125)
     group = h // hkv
     ref = torch.empty(b, 1, h, d, dtype=torch.float64, device="cuda")
     for r in range(b):
-        slots = index[r][keep[r]]
-        kk = k[r, :, slots].double().repeat_interleave(group, 0)  # [H, kept, D]
-        vv = v[r, :, slots].double().repeat_interleave(group, 0)
-        p = torch.softmax((q[r].double() @ kk.transpose(1, 2)) * 0.125, dim=-1)  # [H, 1, kept]
-        ref[r, 0] = (p @ vv)[:, 0]
+        for head in range(h):
+            slots = index[r, head][keep[r, head]] if per_head else index[r][keep[r]]
+            kk, vv = k[r, head // group, slots].double(), v[r, head // group, slots].double()
+            ref[r, 0, head] = torch.softmax(q[r, head, 0].double() @ kk.T * 0.125, dim=-1) @ vv
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
 
@@ -227,3 +229,65 @@ def test_hf_streaming_decode_over_a_static_cache_runs_the_slot_kernel():
     remove(model)
     assert len(calls) == 4 * model.config.num_hidden_layers
     assert ((static - dynamic).norm() / dynamic.norm()).item() < 2e-2
+
+
+def test_hf_quest_decode_over_a_static_cache_runs_the_slot_kernel():
+    """In bf16 on a GPU quest's static-cache decode step (page bounds kept between steps) reads one list of
+    slots per query head with the kernel, and matches the dynamic cache's block-sparse step within bf16
+    rounding; replayed from a CUDA graph it gives the eager static-cache step's logits."""
+    from transformers import DynamicCache, LlamaForCausalLM, StaticCache
+
+    import sparsa.attention.hf as hf
+    from sparsa.attention import apply, remove
+    from conftest import tiny_llama_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(256, max_position_embeddings=1024)).to("cuda", torch.bfloat16).eval()
+    ids = torch.randint(0, 256, (1, 300), device="cuda", generator=torch.Generator(device="cuda").manual_seed(3))
+    calls = []
+    original = hf.slot_attention
+
+    def counted(q, k, v, index, keep, scale):
+        calls.append(index.dim())
+        return original(q, k, v, index, keep, scale)
+
+    apply(model, "quest", min_len=1, block_size=32, pages=3)
+
+    def decode(cache, steps=4):
+        logits = []
+        with torch.no_grad():
+            model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(300, device="cuda"))
+            for step in range(steps):  # the same tokens for both caches
+                out = model(ids[:, step:step + 1], past_key_values=cache, use_cache=True,
+                            cache_position=torch.tensor([300 + step], device="cuda"))
+                logits.append(out.logits.float())
+        return torch.cat(logits, 1)
+
+    hf.slot_attention = counted
+    try:
+        static = decode(StaticCache(config=model.config, max_cache_len=320))
+    finally:
+        hf.slot_attention = original
+    dynamic = decode(DynamicCache())
+    assert calls == [3] * (4 * model.config.num_hidden_layers)  # per-query-head lists, every layer, every step
+    assert ((static - dynamic).norm() / dynamic.norm()).item() < 2e-2
+
+    cache = StaticCache(config=model.config, max_cache_len=320)
+    token, position = torch.zeros(1, 1, dtype=torch.long, device="cuda"), torch.zeros(1, dtype=torch.long, device="cuda")
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(300, device="cuda"))
+        token.copy_(ids[:, :1]), position.fill_(300)
+        step = lambda: model(token, past_key_values=cache, use_cache=True, cache_position=position).logits  # noqa: E731
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()  # warm-up outside the capture (writes slot 300, as the replay below does again)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        graph.replay()
+        replayed = out.float().clone()
+        eager = step().float()
+    remove(model)
+    assert torch.isfinite(replayed).all() and ((replayed - eager).norm() / eager.norm()).item() < 1e-3

@@ -46,9 +46,11 @@ class PatternBase:
 
     @property
     def decodes_in_graph(self) -> bool:
-        """Whether a decode step under a static cache runs sparse without reading the keys first
-        (:meth:`decode_key_slots`), so that a CUDA graph replays the sparse step."""
-        return type(self).decode_key_slots is not PatternBase.decode_key_slots
+        """Whether a decode step under a static cache chooses its slots on the device, with no host sync
+        (:meth:`decode_key_slots` or :meth:`decode_query_slots`), so that a CUDA graph replays the sparse step."""
+        cls = type(self)
+        return (cls.decode_key_slots is not PatternBase.decode_key_slots
+                or cls.decode_query_slots is not PatternBase.decode_query_slots)
 
     def decode_key_slots(self, first: torch.Tensor, last: torch.Tensor, k_len: int
                          ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -61,6 +63,21 @@ class PatternBase:
         to read, and which of them the query attends. None: the pattern must see the keys.
         """
         return None
+
+    def decode_query_slots(self, query: torch.Tensor, key: torch.Tensor, first: torch.Tensor, last: torch.Tensor,
+                           valid: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """:meth:`decode_key_slots` for a pattern that reads the query and the keys to choose (quest).
+
+        ``query`` ``[B, H, 1, D]``; ``key`` the whole cache ``[B, Hkv, L, D]``; ``valid`` ``[B, L]`` the slots
+        the query may see; ``state`` a dict kept per attention layer from call to call, for what the pattern
+        keeps up to date instead of reading the whole cache each step. Returns ``(index, keep, density)``:
+        ``[B, H, n]`` slots per query head, which of them are attended, and the kept share of blocks.
+        """
+        return None
+
+    def prefill_written(self, key: torch.Tensor, first: torch.Tensor, valid: torch.Tensor, state: dict) -> None:
+        """A prefill (several queries) wrote ``key``'s cache; ``valid`` ``[B, L]`` are the slots now filled.
+        A pattern with :meth:`decode_query_slots` brings its ``state`` up to date here."""
 
 
 def make_pattern(name: str, **params) -> PatternBase:

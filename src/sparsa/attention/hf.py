@@ -12,7 +12,8 @@ whenever sparsity does not apply:
   ``quest`` skips prefills;
 * a padding or sliding-window mask (sliding-window layers are already
   local), logit soft-capping, or attention dropout in training; a decode
-  step of a static pattern under a mask is the exception (below).
+  step under a boolean mask of a pattern that chooses on the device
+  (streaming, quest) is the exception (below).
 
 Otherwise it builds the block mask from the layer's actual queries and keys
 and runs it on the chosen backend. A decode step of a static pattern
@@ -22,7 +23,10 @@ sequence (a dynamic cache), or, under a mask (a static cache, whose length
 only the device knows, or left padding), the slots at positions found on
 the device from the mask, counted from each row's first valid slot, so that
 a CUDA graph can capture the step: read in place by a Triton kernel on a GPU
-(:mod:`sparsa.kernels.slot_attention`), gathered for SDPA elsewhere.
+(:mod:`sparsa.kernels.slot_attention`), gathered for SDPA elsewhere. Quest
+decodes the same way under a mask, choosing pages per query head from page
+bounds it keeps per layer (made when a prefill writes the cache, widened by
+each step's key).
 ``remove(model)`` restores the previous attention implementation.
 """
 
@@ -97,6 +101,8 @@ def _forward(module: nn.Module, query, key, value, attention_mask, dropout: floa
         or kwargs.get("softcap") is not None
         or (dropout > 0 and module.training)
     )
+    if policy is not None and q_len > 1 and policy.pattern.decodes_in_graph:
+        _prefill_written(module, policy.pattern, key, q_len, attention_mask, prompt_only)
     if dense:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if prompt_only:
@@ -130,50 +136,86 @@ def _forward(module: nn.Module, query, key, value, attention_mask, dropout: floa
 
 
 def _decode_slots(module, pattern: PatternBase, query, key, value, attention_mask, dropout, scaling, kwargs):
-    """One query under a boolean mask: gather the cache slots the pattern keeps, found on the device from the
-    mask (no host sync, so a CUDA graph can capture it), and attend them."""
+    """One query under a boolean mask: the cache slots the pattern keeps, found on the device (no host sync, so
+    a CUDA graph can capture the step), read in place by the slot kernel on a GPU, gathered for SDPA elsewhere."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    index, keep, density = _slots(pattern, attention_mask, key.shape[0], key.shape[-2])
-    module.sparsa_last_density = density
+    batch, k_len = key.shape[0], key.shape[-2]
+    valid, first, last = _once(("rows", batch, k_len), attention_mask, lambda: _rows(attention_mask, batch, k_len))
+    found = pattern.decode_query_slots(query, key, first, last, valid, module.__dict__.setdefault("sparsa_state", {}))
+    if found is None:  # the same slots for every layer and head: found once per pass
+        found = _once(("slots", pattern, batch, k_len), attention_mask, lambda: _static_slots(pattern, valid, first, last))
+    index, keep, module.sparsa_last_density = found
     if half_on_gpu(query, key, value) and query.stride(-1) == key.stride(-1) == value.stride(-1) == 1 \
             and key.shape[-1] == value.shape[-1]:
         return slot_attention(query, key, value, index, keep, scaling), None  # reads the slots in place
+    if index.dim() == 3:  # a list per query head: gather each key-value head's group of lists at once
+        b, h, n = index.shape
+        kv_heads = key.shape[1]
+        grouped = index.reshape(b, kv_heads, -1)
+        key = key.gather(2, grouped[..., None].expand(-1, -1, -1, key.shape[-1])).reshape(b, h, n, -1)
+        value = value.gather(2, grouped[..., None].expand(-1, -1, -1, value.shape[-1])).reshape(b, h, n, -1)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, keep[:, :, None, :], scale=scaling)
+        return out.transpose(1, 2).contiguous(), None
     key = key.gather(2, index[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[-1]))
     value = value.gather(2, index[:, None, :, None].expand(-1, value.shape[1], -1, value.shape[-1]))
     return sdpa_attention_forward(module, query, key, value, keep[:, None, None, :], dropout=dropout, scaling=scaling, **kwargs)
 
 
-_SLOTS: list = []  # the slots of the forward pass under way: [(mask, pattern, batch, k_len), (index, keep, density)]
+def _prefill_written(module, pattern: PatternBase, key, q_len: int, attention_mask, prompt_only: bool) -> None:
+    """A prefill into a cache that later decode steps read through a mask: let the pattern note what it wrote."""
+    batch, k_len = key.shape[0], key.shape[-2]
+    if prompt_only:  # a first prefill into a longer static cache: its first q_len slots
+        valid = (torch.arange(k_len, device=key.device) < q_len).expand(batch, -1)
+    elif attention_mask is not None and attention_mask.dtype == torch.bool:
+        valid = attention_mask[:, 0, -1, :k_len].expand(batch, -1)  # what the last query sees: every filled slot
+    else:
+        return  # a dynamic cache: its decode steps see no mask and read the keys themselves
+    first = torch.where(valid, torch.arange(k_len, device=key.device), k_len).amin(-1)
+    pattern.prefill_written(key, first, valid, module.__dict__.setdefault("sparsa_state", {}))
+
+
+_PASS: dict = {}  # what the forward pass under way found once for all its layers: {what: (mask, found)}
 
 
 def _forget_slots(*_) -> None:
     """A forward pass reaches its first attention layer or leaves its last: the slots found in it are not to be
     reused (a caller may update one mask tensor in place from step to step)."""
-    _SLOTS.clear()
+    _PASS.clear()
 
 
-def _slots(pattern: PatternBase, attention_mask: torch.Tensor, batch: int, k_len: int):
-    """``(index, keep, density)`` of the slots a decode step keeps, made once per forward pass: every layer gets
-    the same mask object, and each layer paying a dozen small kernels for it would cost more than attention saves.
-    Hooks on the first and last attention modules empty the cache at both ends of a pass; replaying a CUDA graph
-    reruns the kernels of the first layer's call into the same tensors."""
-    key = (attention_mask, pattern, batch, k_len)
-    cached = list(_SLOTS)
-    if cached and cached[0][0] is attention_mask and cached[0][1:] == key[1:]:
-        return cached[1]
-    valid = attention_mask[:, 0, -1, :k_len].expand(batch, -1)  # [B, Lk]: the slots this query may see
+def _once(what: tuple, attention_mask: torch.Tensor, make):
+    """``make()``, once per forward pass: every layer gets the same mask object, and each layer paying a dozen
+    small kernels for what the mask implies would cost more than attention saves. Hooks on the first and last
+    attention modules empty the cache at both ends of a pass; replaying a CUDA graph reruns the kernels of the
+    first layer's call into the same tensors."""
+    hit = _PASS.get(what)
+    if hit is not None and hit[0] is attention_mask:
+        return hit[1]
+    found = make()
+    _PASS[what] = (attention_mask, found)
+    return found
+
+
+def _rows(attention_mask: torch.Tensor, batch: int, k_len: int):
+    """``(valid, first, last)``: the slots the one query may see ``[B, Lk]``, each row's first of them and the
+    query's own slot (its last)."""
+    valid = attention_mask[:, 0, -1, :k_len].expand(batch, -1)
     position = torch.arange(k_len, device=attention_mask.device)
     first = torch.where(valid, position, k_len).amin(-1)
     last = torch.where(valid, position, -1).amax(-1)
+    return valid, first, last
+
+
+def _static_slots(pattern: PatternBase, valid, first, last):
+    """``(index, keep, density)`` of a static pattern's decode step: ``[B, n]`` slots shared by every head."""
+    k_len = valid.shape[-1]
     index, keep = pattern.decode_key_slots(first, last, k_len)
     keep = keep & valid.gather(1, index)
     bs = pattern.block_size
-    kept_blocks = keep.view(batch, -1, bs).any(-1).sum(-1)
+    kept_blocks = keep.view(len(first), -1, bs).any(-1).sum(-1)
     density = (kept_blocks / ((last - first) // bs + 1)).float().mean()
-    found = (index, keep, density)
-    _SLOTS[:] = [key, found]
-    return found
+    return index, keep, density
 
 
 def _register() -> None:
@@ -243,6 +285,7 @@ def apply(
     _register()
     for index, module in modules:
         module.sparsa_attention = policy if chosen is None or index in chosen else None
+        module.__dict__.pop("sparsa_state", None)  # what an earlier pattern kept between decode steps
     if getattr(model.config, "_attn_implementation", None) != NAME:
         model.sparsa_previous_attention = getattr(model.config, "_attn_implementation", None) or "sdpa"
     if not getattr(model, "sparsa_slot_hooks", None):  # on the first and last attention: any wrapper's pass has both
@@ -256,6 +299,7 @@ def remove(model: nn.Module) -> nn.Module:
     """Undo :func:`apply`: dense attention with the previous implementation."""
     for _, module in _attention_modules(model):
         module.sparsa_attention = None
+        module.__dict__.pop("sparsa_state", None)
     for hook in getattr(model, "sparsa_slot_hooks", None) or ():
         hook.remove()
     model.sparsa_slot_hooks = None

@@ -180,8 +180,8 @@ def _measured_speed(base, model, settings: Settings, weights_24: bool, activatio
 
     no_graph = None
     if attention is not None and attention["phase"] in ("both", "decode") and not attention["graph_decode"]:
-        no_graph = (f"{attention['method']} picks its keys from their values, which under a static cache (a CUDA "
-                    "graph) it does not do: it runs dense there, so it decodes with a dynamic KV cache only")
+        no_graph = (f"{attention['method']} cannot choose its slots of a static cache on the device (a CUDA graph): "
+                    "it would run dense there, so it decodes with a dynamic KV cache only")
     return {"kind": "measured", "device": torch.cuda.get_device_name(), **measure(base.model, model, settings, no_graph),
             "rounds": MEASURE_ROUNDS, "notes": notes}
 

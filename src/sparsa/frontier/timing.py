@@ -7,10 +7,9 @@ step (forward, greedy pick of the next token, position advanced) captured
 in a CUDA graph over a static KV cache and replayed, as serving engines
 run it; this times the GPU's work. A model whose step cannot be captured
 (a host synchronisation inside it) is timed eagerly only, and the record
-says why; so is one whose step would run otherwise in the graph: a sparse
-attention pattern that reads the keys to choose them (quest) decodes with a
-dynamic KV cache only, while a static one (streaming) finds its slots of the
-static cache on the device and is replayed like any other step.
+says why. A sparse attention pattern chooses its slots of the static cache
+on the device (streaming by position; quest by page bounds it keeps from
+step to step), so its step is replayed like any other.
 
 Dense and the configuration alternate for ``MEASURE_ROUNDS`` rounds, the
 order swapped every round, and each speedup is the median of the per-round

@@ -319,7 +319,7 @@ class CsltWeight:
         )
         torch.cuda.current_stream(self.device).synchronize()  # scratch is freed on return
         self.algorithms: dict[int, Algorithm] = {}  # token bucket -> the search's choice
-        self.search_us: dict[int, dict[str, float]] = {}  # tokens searched at -> the finalists' median times
+        self.search_us: dict[int, dict[str, float]] = {}  # token bucket -> the search finalists' median times
         self._plans: OrderedDict[int, _Plan] = OrderedDict()
 
     def nbytes(self) -> int:
@@ -336,7 +336,7 @@ class CsltWeight:
             self._plans.move_to_end(m)
             return plan
         if wanted is None:
-            plan = self._search(x, y)
+            plan = self._search(x, y, bucket)
             self.algorithms[bucket] = plan.algorithm
         else:
             try:
@@ -351,7 +351,7 @@ class CsltWeight:
             self._plans.popitem(last=False)
         return plan
 
-    def _search(self, x: torch.Tensor, y: torch.Tensor) -> _Plan:
+    def _search(self, x: torch.Tensor, y: torch.Tensor, bucket: int) -> _Plan:
         """Time every configuration id on ``x`` (into ``y``) and keep the fastest one's plan.
 
         Each id is timed as the dispatcher times paths (:func:`~sparsa.kernels.timing.time_us`:
@@ -371,17 +371,17 @@ class CsltWeight:
             try:
                 plan = default if config_id == 0 else _Plan(self, m, Algorithm(config_id))
                 plan.run(x, y)  # the status check
+                timed.append((time_us(lambda plan=plan: plan.run(x, y), self.device), config_id, plan))
             except CsltError:
                 continue  # a configuration this problem does not support
-            timed.append((time_us(lambda plan=plan: plan.run(x, y), self.device), config_id, plan))
-            timed = sorted(timed, key=lambda t: t[:2])[:SEARCH_FINALISTS]  # the others' workspaces are freed
+            timed = sorted(timed, key=lambda t: t[:2])[:SEARCH_FINALISTS]  # only the finalists' plans are kept
         if not timed:
             return default
         finalists = {plan.algorithm.key(): plan for _, _, plan in timed}
         medians = time_each({key: (lambda plan=plan: plan.run(x, y)) for key, plan in finalists.items()},
                             self.device, budget_ms=SEARCH_FINAL_MS)
-        self.search_us.pop(m, None)  # the newest search last
-        self.search_us[m] = {key: round(t, 2) for key, t in medians.items()}
+        self.search_us.pop(bucket, None)  # the newest search last
+        self.search_us[bucket] = {key: round(t, 2) for key, t in medians.items()}
         return finalists[min(medians, key=medians.get)]
 
     def matmul(self, x: torch.Tensor, bucket: int | None = None, algorithm: Algorithm | None = None,

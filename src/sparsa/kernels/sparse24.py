@@ -431,7 +431,7 @@ class SparseLinear24(nn.Module):
         """``x2d [M, K] @ W^T + bias`` on one named path (``triton``, ``cusparselt`` or ``dense``).
 
         ``config`` is the Triton configuration, ``algorithm`` the cuSPARSELt one
-        (None: cuSPARSELt's own search, once per token bucket).
+        (None: sparsa's search over cuSPARSELt's configurations, once per token bucket).
         """
         if path == "triton":
             from .triton_sparse24 import sparse24_matmul

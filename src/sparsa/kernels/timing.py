@@ -1,4 +1,4 @@
-"""How sparsa times a GPU call when it chooses between kernels: one method, used by every search.
+"""How sparsa times one GPU call when it chooses between kernels (the 2:4 dispatch and cuSPARSELt's search).
 
 CUDA events around each call; the L2 cache flushed before every call by
 *reading* a 128 MiB buffer (see :func:`flush_l2`); then the GPU held busy for
@@ -65,10 +65,13 @@ def time_each(fns: dict, device: torch.device, reps: int = 10, warmup: int = 3,
     one call of every function together.
     """
     names = list(fns)
+    if not names:
+        return {}
     with torch.cuda.device(device):  # the events and the busy-wait go to the current device's stream
         for fn in fns.values():
             for _ in range(warmup):
                 fn()
+        torch.cuda.synchronize(device)
         first = [_timed_call(fn, device) for fn in fns.values()]
         torch.cuda.synchronize(device)
         round_ms = sum(start.elapsed_time(end) for start, end in first)
