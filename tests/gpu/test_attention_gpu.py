@@ -232,9 +232,9 @@ def test_hf_streaming_decode_over_a_static_cache_runs_the_slot_kernel():
 
 
 def test_hf_quest_decode_over_a_static_cache_runs_the_slot_kernel():
-    """In bf16 on a GPU quest's static-cache decode step (page bounds kept between steps) reads one list of
-    slots per query head with the kernel, and matches the dynamic cache's block-sparse step within bf16
-    rounding; replayed from a CUDA graph it gives the eager static-cache step's logits."""
+    """In bf16 on a GPU quest's static-cache decode step (page bounds kept between steps, pages chosen in one
+    launch) reads one list of slots per query head with the kernel, and matches the dynamic cache's block-sparse
+    step within bf16 rounding."""
     from transformers import DynamicCache, LlamaForCausalLM, StaticCache
 
     import sparsa.attention.hf as hf
@@ -272,22 +272,4 @@ def test_hf_quest_decode_over_a_static_cache_runs_the_slot_kernel():
     assert calls == [3] * (4 * model.config.num_hidden_layers)  # per-query-head lists, every layer, every step
     assert ((static - dynamic).norm() / dynamic.norm()).item() < 2e-2
 
-    cache = StaticCache(config=model.config, max_cache_len=320)
-    token, position = torch.zeros(1, 1, dtype=torch.long, device="cuda"), torch.zeros(1, dtype=torch.long, device="cuda")
-    with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(300, device="cuda"))
-        token.copy_(ids[:, :1]), position.fill_(300)
-        step = lambda: model(token, past_key_values=cache, use_cache=True, cache_position=position).logits  # noqa: E731
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()  # warm-up outside the capture (writes slot 300, as the replay below does again)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
-        graph.replay()
-        replayed = out.float().clone()
-        eager = step().float()
     remove(model)
-    assert torch.isfinite(replayed).all() and ((replayed - eager).norm() / eager.norm()).item() < 1e-3

@@ -69,3 +69,27 @@ def test_graph_decoding_with_streaming_attention_runs_sparse(tiny_bytes_dir):
         assert eager != dense  # the check below can tell sparse steps from dense ones
         assert GraphDecoder(model, ctx, 16).tokens() == eager
         remove(model)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_decoding_with_quest_runs_sparse(tiny_bytes_dir, dtype):
+    """Quest in a captured step (static cache: page bounds kept on the device; in bf16 chosen by the Triton
+    kernel) decodes sparse, and a second run, whose prefill renews the bounds in place, decodes the same. In
+    float32 (the stock operations) it picks eager decoding's tokens (dynamic cache: bounds from the keys)."""
+    from transformers import AutoModelForCausalLM
+
+    from sparsa.attention import apply, remove
+    from sparsa.frontier.timing import GraphDecoder, eager_decode
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_bytes_dir, dtype=dtype).cuda().eval()
+    ctx = torch.randint(0, model.config.vocab_size, (1, 150), generator=torch.Generator().manual_seed(3)).cuda()
+    with torch.inference_mode():
+        dense = GraphDecoder(model, ctx, 16).tokens()
+        apply(model, "quest", min_len=1, block_size=16, pages=2)
+        decoder = GraphDecoder(model, ctx, 16)
+        graphed = decoder.tokens()
+        assert graphed != dense  # sparse steps were replayed
+        assert decoder.tokens() == graphed
+        if dtype == torch.float32:
+            assert graphed == eager_decode(model, ctx, 16)[0]
+        remove(model)
