@@ -237,6 +237,21 @@ def test_hf_streaming_decode_slices_equal_the_block_mask(tiny_llama, monkeypatch
     assert (max(d_sliced) == 1.0) == (local >= 100)  # sparse steps were taken, except where the window is everything
 
 
+def greedy_steps(model, ids, cache, steps: int):
+    """Prefill ``ids`` into ``cache``, then ``steps`` greedy decode steps at explicit positions: their logits and
+    the first layer's attention density at each step."""
+    logits, densities = [], []
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(ids.shape[1]))
+        for step in range(steps):
+            nxt = out.logits[:, -1:].argmax(-1)
+            position = torch.tensor([ids.shape[1] + step])
+            out = model(nxt, past_key_values=cache, use_cache=True, cache_position=position)
+            logits.append(out.logits)
+            densities.append(float(model.model.layers[0].self_attn.sparsa_last_density))
+    return torch.cat(logits, 1), densities
+
+
 @pytest.mark.parametrize("sink,local", [(1, 2), (0, 3), (2, 100)])
 def test_hf_streaming_decode_over_a_static_cache_gathers_what_the_slices_keep(tiny_llama, sink, local):
     """Under a static cache's mask a decode step finds its slots on the device; it equals the dynamic cache's slices."""
@@ -245,20 +260,8 @@ def test_hf_streaming_decode_over_a_static_cache_gathers_what_the_slices_keep(ti
     ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(4))
     apply(tiny_llama, "streaming", min_len=1, block_size=BLOCK, sink_blocks=sink, local_blocks=local)
 
-    def decode(cache, steps=5):
-        logits, densities = [], []
-        with torch.no_grad():
-            out = tiny_llama(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(ids.shape[1]))
-            for step in range(steps):
-                nxt = out.logits[:, -1:].argmax(-1)
-                position = torch.tensor([ids.shape[1] + step])
-                out = tiny_llama(nxt, past_key_values=cache, use_cache=True, cache_position=position)
-                logits.append(out.logits)
-                densities.append(float(tiny_llama.model.layers[0].self_attn.sparsa_last_density))
-        return torch.cat(logits, 1), densities
-
-    gathered, d_gathered = decode(StaticCache(config=tiny_llama.config, max_cache_len=260))
-    sliced, d_sliced = decode(DynamicCache())
+    gathered, d_gathered = greedy_steps(tiny_llama, ids, StaticCache(config=tiny_llama.config, max_cache_len=260), 5)
+    sliced, d_sliced = greedy_steps(tiny_llama, ids, DynamicCache(), 5)
     remove(tiny_llama)
     assert (gathered - sliced).abs().max() < 1e-5
     assert d_gathered == pytest.approx(d_sliced, rel=1e-6)
@@ -350,12 +353,16 @@ def test_hf_non_causal_attention_stays_dense(tiny_llama):
         causal = sdpa_attention_forward(module, q_square, k_square, v_square, None, scaling=0.25)[0]
         bias = torch.zeros(1, heads, 100, 100)
         biased = _forward(module, q_square, k_square, v_square, None, scaling=0.25, position_bias=bias)[0]
+        sinks = torch.zeros(heads)  # learned attention sinks (gpt-oss) keep transformers' path too
+        sunk = _forward(module, q_square, k_square, v_square, None, scaling=0.25, s_aux=sinks)[0]
+        sunk_reference = sdpa_attention_forward(module, q_square, k_square, v_square, None, scaling=0.25, s_aux=sinks)[0]
     finally:
         module.is_causal = True
         remove(tiny_llama)
     assert torch.equal(ours, reference)
     assert (sparse - causal).abs().max() > 1e-3
     assert (biased - causal).abs().max() < 1e-5
+    assert torch.equal(sunk, sunk_reference)
 
 
 def test_hf_dense_below_min_len_and_per_layer(tiny_llama):
@@ -386,27 +393,25 @@ def test_hf_quest_decode_over_a_static_cache_chooses_what_the_dynamic_cache_choo
     ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(8))
     apply(tiny_llama, "quest", min_len=1, block_size=BLOCK, pages=pages)
 
-    def decode(cache, steps=6):
-        logits, densities = [], []
-        with torch.no_grad():
-            out = tiny_llama(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(ids.shape[1]))
-            for step in range(steps):  # 200 + 6 tokens cross into a new page of 32
-                nxt = out.logits[:, -1:].argmax(-1)
-                position = torch.tensor([ids.shape[1] + step])
-                out = tiny_llama(nxt, past_key_values=cache, use_cache=True, cache_position=position)
-                logits.append(out.logits)
-                densities.append(float(tiny_llama.model.layers[0].self_attn.sparsa_last_density))
-        return torch.cat(logits, 1), densities
-
     static_cache = StaticCache(config=tiny_llama.config, max_cache_len=300)
-    chosen, d_chosen = decode(static_cache)
-    bounds = tiny_llama.model.layers[0].self_attn.sparsa_state["quest"]
+    chosen, d_chosen = greedy_steps(tiny_llama, ids, static_cache, 6)  # 200 + 6 tokens cross into a new page of 32
+    kept = tiny_llama.model.layers[0].self_attn.sparsa_state["quest"]
+    (bounds,) = kept.values()
+    assert not bounds.lo.requires_grad  # kept without autograd history, whatever the caller's mode
+    other = torch.randint(0, 256, (1, 150), generator=torch.Generator().manual_seed(10))
     static_cache.reset()  # zeroed in place, as generate() does
-    again, _ = decode(static_cache)  # a second prompt into the same cache: its prefill renews the bounds in place
-    assert tiny_llama.model.layers[0].self_attn.sparsa_state["quest"] is bounds
-    dynamic, d_dynamic = decode(DynamicCache())
+    # a second prompt into the same cache renews the bounds in place; a one-token prompt (no prefill call that
+    # could renew them) starts each page afresh as its steps reach it
+    again, _ = greedy_steps(tiny_llama, other, static_cache, 6)
+    assert list(kept.values()) == [bounds]
+    static_cache.reset()
+    single, _ = greedy_steps(tiny_llama, ids[:, :1], static_cache, 70)
+    dynamic, d_dynamic = greedy_steps(tiny_llama, ids, DynamicCache(), 6)
+    other_dynamic, _ = greedy_steps(tiny_llama, other, DynamicCache(), 6)
+    single_dynamic, _ = greedy_steps(tiny_llama, ids[:, :1], DynamicCache(), 70)
     remove(tiny_llama)
-    assert (chosen - dynamic).abs().max() < 1e-5 and (again - dynamic).abs().max() < 1e-5
+    assert (chosen - dynamic).abs().max() < 1e-5 and (again - other_dynamic).abs().max() < 1e-5
+    assert (single - single_dynamic).abs().max() < 1e-5
     assert d_chosen == pytest.approx(d_dynamic, rel=1e-6)
     assert (max(d_chosen) == 1.0) == (pages >= 100)  # sparse steps were taken, except where every page is kept
 
@@ -648,7 +653,9 @@ from sparsa.kernels.page_select import select_pages
 gen = torch.Generator().manual_seed(12)
 cases = ((2, 4, 2, 16, 300, 16, 3, (0, 37), (250, 299)),  # grouped heads, a padded row, its last slot the cache's
          (1, 6, 3, 24, 200, 32, 10, (0,), (100,)),  # more pages asked than exist up to the query
-         (1, 2, 1, 8, 128, 16, 2, (5,), (5,)))  # the query is the row's first slot
+         (1, 2, 1, 8, 128, 16, 2, (5,), (5,)),  # the query is the row's first slot
+         (3, 4, 2, 16, 2101, 16, 5, (0, 37, 5), (2000, 1700, 901)),  # 132 pages: the choice crosses tiles of 64
+         (1, 2, 2, 16, 200, 16, 3, (7,), (103,)))  # the step's key starts a page: stale bounds there are replaced
 for b, h, hkv, d, length, bs, pages, pads, lasts in cases:
     q = torch.randn(b, h, 1, d, generator=gen)
     key = torch.randn(b, hkv, length, d, generator=gen)
@@ -656,15 +663,21 @@ for b, h, hkv, d, length, bs, pages, pads, lasts in cases:
     slot = torch.arange(length)
     valid = (slot >= first[:, None]) & (slot <= last[:, None])
     before = PageBounds.of(key, first, valid & (slot < last[:, None]), bs)  # the prefill's: not the step's own key
+    before.lo = torch.where(before.lo.isinf(), -3.0, before.lo)  # pages not reached yet: stale bounds (a reused cache)
+    before.hi = torch.where(before.hi.isinf(), 3.0, before.hi)
     count = min(pages, before.lo.shape[2])
-    state = {"quest": PageBounds(before.cache, before.lo.clone(), before.hi.clone())}
+    state = {"quest": {before.cache: PageBounds(before.cache, before.lo.clone(), before.hi.clone())}}
     want_index, want_keep, want_density = Quest(block_size=bs, pages=pages).decode_query_slots(q, key, first, last, valid, state)
     lo, hi = before.lo.clone(), before.hi.clone()
     index, keep, share = select_pages(q, key, lo, hi, first, last, valid, count, bs)
     assert torch.equal(keep, want_keep), (b, h, keep.sum(), want_keep.sum())
     assert torch.equal(index[keep], want_index[want_keep])
     assert abs(float(share.mean()) - float(want_density)) < 1e-6
-    assert torch.equal(lo, state["quest"].lo) and torch.equal(hi, state["quest"].hi)
+    assert torch.equal(lo, state["quest"][before.cache].lo) and torch.equal(hi, state["quest"][before.cache].hi)
+    exact = PageBounds.of(key, first, valid, bs)  # the query's own page holds exactly its valid keys' bounds
+    for r in range(b):
+        own = int(last[r] - first[r]) // bs
+        assert torch.equal(lo[r, :, own], exact.lo[r, :, own]) and torch.equal(hi[r, :, own], exact.hi[r, :, own])
 print("page select interpreter ok")
 """
 

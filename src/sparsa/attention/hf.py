@@ -95,13 +95,14 @@ def _forward(module: nn.Module, query, key, value, attention_mask, dropout: floa
         policy is None
         or not causal  # the patterns are causal: a bidirectional or cross attention stays dense
         or kwargs.get("position_bias") is not None  # a bias over the keys (T5-style) is not ours to drop
+        or kwargs.get("s_aux") is not None  # nor learned attention sinks (gpt-oss)
         or not policy.applies(q_len, q_len if prompt_only else k_len)
         or (attention_mask is not None and not slots)
         or kwargs.get("sliding_window") is not None
         or kwargs.get("softcap") is not None
         or (dropout > 0 and module.training)
     )
-    if policy is not None and q_len > 1 and policy.pattern.decodes_in_graph:
+    if policy is not None and 1 < q_len < k_len and policy.pattern.decodes_in_graph:  # a prefill into a longer cache
         _prefill_written(module, policy.pattern, key, q_len, attention_mask, prompt_only)
     if dense:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -253,7 +254,9 @@ def apply(
     the only length the host knows there). ``backend``: ``auto`` (on CUDA our
     Triton kernel for head dims up to 128, FlexAttention otherwise; on a CPU
     the masked dense path, in chunks of query rows), ``flex``, ``triton``,
-    ``masked`` or ``reference``.
+    ``masked`` or ``reference``. A CUDA graph captured before ``apply`` or
+    ``remove`` must be captured again: what a layer kept between decode
+    steps (quest's page bounds) is let go.
     """
     name = type(model).__name__
     require(hasattr(model, "set_attn_implementation") and hasattr(model, "config"),

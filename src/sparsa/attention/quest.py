@@ -10,13 +10,15 @@ over its queries.
 
 Decoding under a static cache (a CUDA graph) keeps the bounds of each
 layer's cache from step to step (:class:`PageBounds`): made at the prefill,
-widened by each step's key, so a step reads ``2 / block_size`` of the keys'
-bytes to choose, and then only the chosen pages.
+widened by each step's key (set to it where the key starts a page), so a
+step reads ``2 / block_size`` of the keys' bytes to choose, and then only
+the chosen pages.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import ClassVar
 
 import torch
@@ -82,15 +84,15 @@ class Quest(PatternBase):
                            valid: torch.Tensor, state: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One query per row over a static cache: the pages :meth:`mask` would keep, chosen on the device.
 
-        The page bounds are kept in ``state`` (made at the prefill, or here if the cache is new to this layer)
-        and widened by the step's own key, so a step reads the bounds, not the keys. Pages count from each
-        row's first valid slot. Each query head keeps ``pages`` pages and its own page: ``n = (pages + 1) *
-        block_size`` slots, a page that is also its own or lies past the query kept no more than once.
+        The page bounds are kept in ``state`` per cache (made at the prefill, or here if the cache is new to
+        this layer) and updated by the step's own key, so a step reads the bounds, not the keys. Pages count
+        from each row's first valid slot. Each query head keeps ``pages`` pages and its own page: ``n = (pages
+        + 1) * block_size`` slots, a page that is also its own or lies past the query kept no more than once.
         """
         bs = self.block_size
-        bounds = state.get("quest")
-        if bounds is None or bounds.cache != _cache_id(key, bs):
-            bounds = state["quest"] = PageBounds.of(key, first, valid, bs)
+        bounds = _kept(state).get(_cache_id(key, bs))
+        if bounds is None:
+            bounds = _keep(state, key, PageBounds.of(key, first, valid, bs))
         if half_on_gpu(query, key):  # the same choice in one launch
             index, keep, share = select_pages(query, key, bounds.lo, bounds.hi, first, last, valid,
                                               min(self.pages, bounds.lo.shape[2]), bs)
@@ -115,17 +117,32 @@ class Quest(PatternBase):
 
     def prefill_written(self, key: torch.Tensor, first: torch.Tensor, valid: torch.Tensor, state: dict) -> None:
         fresh = PageBounds.of(key, first, valid, self.block_size)
-        kept = state.get("quest")
-        if kept is not None and kept.cache == fresh.cache:  # in place: a captured CUDA graph reads these tensors
+        kept = _kept(state).get(fresh.cache)
+        if kept is None:
+            _keep(state, key, fresh)
+        else:  # in place: a captured CUDA graph reads these tensors
             kept.lo.copy_(fresh.lo)
             kept.hi.copy_(fresh.hi)
-        else:
-            state["quest"] = fresh
 
 
 def _cache_id(key: torch.Tensor, page: int) -> tuple:
     """Which cache a set of bounds describes: the tensor's storage, shape and the page size."""
     return key.data_ptr(), tuple(key.shape), page
+
+
+def _kept(state: dict) -> dict:
+    """A layer's page bounds, one set per cache it has decoded from."""
+    return state.setdefault("quest", {})
+
+
+def _keep(state: dict, key: torch.Tensor, bounds: "PageBounds") -> "PageBounds":
+    """Keep ``bounds`` for the cache ``key`` for as long as that tensor lives. Bounds are never replaced while
+    their cache lives (a captured CUDA graph writes into them), and a cache freed lets its bounds go, so a
+    new cache at the same address starts afresh."""
+    kept = _kept(state)
+    kept[bounds.cache] = bounds
+    weakref.finalize(key, kept.pop, bounds.cache, None)
+    return bounds
 
 
 @dataclasses.dataclass
@@ -139,6 +156,7 @@ class PageBounds:
     hi: torch.Tensor
 
     @classmethod
+    @torch.no_grad()
     def of(cls, key: torch.Tensor, first: torch.Tensor, valid: torch.Tensor, page: int) -> "PageBounds":
         b, kv_heads, length, d = key.shape
         count = -(-length // page)
@@ -151,10 +169,16 @@ class PageBounds:
         hi = keys.masked_fill(~ok, float("-inf")).reshape(b, kv_heads, count, page, d).amax(3)
         return cls(_cache_id(key, page), lo, hi)
 
+    @torch.no_grad()
     def add(self, key: torch.Tensor, first: torch.Tensor, last: torch.Tensor) -> None:
-        """Widen the bounds of the page that holds slot ``last`` (``[B]``) by its key, in place."""
+        """Update, in place, the bounds of the page that holds slot ``last`` (``[B]``) with its key: widened by
+        it, or set to it where the slot starts its page (what the page held before belongs to an earlier
+        sequence in a reused cache)."""
         b, kv_heads, _, d = key.shape
+        page_size = self.cache[2]
         new = key.gather(2, last[:, None, None, None].expand(b, kv_heads, 1, d)).float()
-        page = ((last - first) // (self.cache[2]))[:, None, None, None].expand(b, kv_heads, 1, d)
-        self.lo.scatter_reduce_(2, page, new, reduce="amin")
-        self.hi.scatter_reduce_(2, page, new, reduce="amax")
+        offset = (last - first)[:, None, None, None]
+        page = (offset // page_size).expand(b, kv_heads, 1, d)
+        starts = offset % page_size == 0
+        self.lo.scatter_(2, page, torch.where(starts, new, torch.minimum(self.lo.gather(2, page), new)))
+        self.hi.scatter_(2, page, torch.where(starts, new, torch.maximum(self.hi.gather(2, page), new)))

@@ -7,10 +7,11 @@ pages into slots, check them against the mask). Replayed from a CUDA graph
 each launch still costs a microsecond or two, as much as the attention it
 saves on a small model. Here one program per (row, query head):
 
-* reads the step's key and widens its own page's bounds by it on the fly
-  (the first query head of each key-value group also stores them back: the
-  other heads of the group compute the same widening, so whichever version
-  of the row they read, their scores agree);
+* reads the step's key and updates its own page's bounds with it on the
+  fly, widened by it or, where the key starts the page, set to it (the first
+  query head of each key-value group also stores them back: the other heads
+  of the group compute the same update, so whichever version of the row
+  they read, their scores agree);
 * bounds every page, ``sum_d max(q_d lo_d, q_d hi_d)``, pages past the
   query's own at ``-inf``, into a scratch row;
 * picks the ``PAGES`` highest one at a time (the first of equal scores), and
@@ -47,10 +48,9 @@ if HAVE_TRITON:
 
     @triton.jit
     def _select_pages_kernel(q_ptr, k_ptr, lo_ptr, hi_ptr, first_ptr, last_ptr, valid_ptr, scores_ptr,
-                             index_ptr, keep_ptr, share_ptr, H, G, P, L,
+                             index_ptr, keep_ptr, share_ptr, H, G, P, L, PAGES,
                              sqb, sqh, skb, skh, skm, slb, slh, slp, svb,
-                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr,
-                             PAGES: tl.constexpr, BS: tl.constexpr):
+                             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, BS: tl.constexpr):
         pid = tl.program_id(0)  # b * H + query head
         b = (pid // H).to(tl.int64)
         h = pid % H
@@ -63,7 +63,8 @@ if HAVE_TRITON:
         q = tl.load(q_ptr + b * sqb + h * sqh + d, mask=d_ok, other=0.0).to(tl.float32)
         new = tl.load(k_ptr + b * skb + kvh * skh + last * skm + d, mask=d_ok, other=0.0).to(tl.float32)
         scores = scores_ptr + pid.to(tl.int64) * P
-        stored = tl.where(h % G == 0, own, -1)  # the page whose widened bounds this program stores: its group's first
+        stored = tl.where(h % G == 0, own, -1)  # the page whose updated bounds this program stores: its group's first
+        begun = tl.where((last - first) % BS == 0, own, -1)  # the page this step's key starts: set, not widened
         for start in range(0, P, BLOCK_P):
             p = start + tl.arange(0, BLOCK_P)
             p_ok = p < P
@@ -72,8 +73,9 @@ if HAVE_TRITON:
             lo = tl.load(lo_ptr + at, mask=tile, other=0.0)
             hi = tl.load(hi_ptr + at, mask=tile, other=0.0)
             mine = (p == own)[:, None]
-            lo = tl.where(mine, tl.minimum(lo, new[None, :]), lo)
-            hi = tl.where(mine, tl.maximum(hi, new[None, :]), hi)
+            fresh = (p == begun)[:, None]
+            lo = tl.where(fresh, new[None, :], tl.where(mine, tl.minimum(lo, new[None, :]), lo))
+            hi = tl.where(fresh, new[None, :], tl.where(mine, tl.maximum(hi, new[None, :]), hi))
             widen = tile & (p == stored)[:, None]
             tl.store(lo_ptr + at, lo, mask=widen)
             tl.store(hi_ptr + at, hi, mask=widen)
@@ -83,7 +85,7 @@ if HAVE_TRITON:
         n = (PAGES + 1) * BS
         out = pid.to(tl.int64) * n
         count = 1.0  # the own page
-        for j in tl.static_range(PAGES):
+        for j in range(PAGES):
             best = tl.max(tl.full((BLOCK_P,), float("-inf"), tl.float32), axis=0)
             best_p = tl.max(tl.full((BLOCK_P,), -1, tl.int64), axis=0)
             for start in range(0, P, BLOCK_P):
@@ -108,7 +110,7 @@ if HAVE_TRITON:
 def select_pages(q: torch.Tensor, key: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, first: torch.Tensor,
                  last: torch.Tensor, valid: torch.Tensor, pages: int, block: int):
     """One decode step's choice of pages per query head: ``(index, keep, share)``, ``share`` ``[B, H]`` the
-    kept pages over the pages up to the query's. Widens ``lo`` and ``hi`` in place by the step's key.
+    kept pages over the pages up to the query's. Updates ``lo`` and ``hi`` in place with the step's key.
 
     ``q`` ``[B, H, 1, D]``; ``key`` the cache ``[B, Hkv, L, D]``; ``lo``, ``hi`` ``[B, Hkv, P, D]`` float32
     with unit stride over ``D``; ``first``, ``last`` ``[B]``; ``valid`` ``[B, L]`` (any strides over B).
@@ -129,8 +131,8 @@ def select_pages(q: torch.Tensor, key: torch.Tensor, lo: torch.Tensor, hi: torch
     valid = valid.view(torch.uint8) if valid.dtype == torch.bool else valid
     _select_pages_kernel[(bsz * heads,)](
         q, key, lo, hi, first, last, valid, scores, index, keep.view(torch.int8), share,
-        heads, heads // kv_heads, count, length,
+        heads, heads // kv_heads, count, length, pages,
         q.stride(0), q.stride(1), key.stride(0), key.stride(1), key.stride(2),
         lo.stride(0), lo.stride(1), lo.stride(2), valid.stride(0),
-        D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_P=BLOCK_P, PAGES=pages, BS=block, num_warps=2)
+        D=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_P=BLOCK_P, BS=block, num_warps=2)
     return index, keep, share
