@@ -95,7 +95,6 @@ def _forward(module: nn.Module, query, key, value, attention_mask, dropout: floa
         policy is None
         or not causal  # the patterns are causal: a bidirectional or cross attention stays dense
         or kwargs.get("position_bias") is not None  # a bias over the keys (T5-style) is not ours to drop
-        or kwargs.get("s_aux") is not None  # nor learned attention sinks (gpt-oss)
         or not policy.applies(q_len, q_len if prompt_only else k_len)
         or (attention_mask is not None and not slots)
         or kwargs.get("sliding_window") is not None
@@ -271,6 +270,9 @@ def apply(
     require(min_len >= 1, f"min_len must be >= 1, got {min_len}")
     modules = _attention_modules(model)
     require(bool(modules), f"{name} has no attention modules with a layer index (self_attn); cannot apply sparse attention")
+    require(not any(hasattr(module, "sinks") for _, module in modules),
+            f"{name} has learned attention sinks (gpt-oss style), which sparsa's attention function would drop; "
+            "sparse attention does not support them")
     config = getattr(model.config, "get_text_config", lambda: model.config)()
     q_heads = getattr(config, "num_attention_heads", None)
     kv_heads = getattr(config, "num_key_value_heads", None) or q_heads

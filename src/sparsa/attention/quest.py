@@ -136,12 +136,12 @@ def _kept(state: dict) -> dict:
 
 
 def _keep(state: dict, key: torch.Tensor, bounds: "PageBounds") -> "PageBounds":
-    """Keep ``bounds`` for the cache ``key`` for as long as that tensor lives. Bounds are never replaced while
+    """Keep ``bounds`` for the cache ``key`` for as long as its storage lives. Bounds are never replaced while
     their cache lives (a captured CUDA graph writes into them), and a cache freed lets its bounds go, so a
     new cache at the same address starts afresh."""
     kept = _kept(state)
     kept[bounds.cache] = bounds
-    weakref.finalize(key, kept.pop, bounds.cache, None)
+    weakref.finalize(key.untyped_storage(), kept.pop, bounds.cache, None)  # the storage: views come and go
     return bounds
 
 
