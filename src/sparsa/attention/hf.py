@@ -141,8 +141,9 @@ def _decode_slots(module, pattern: PatternBase, query, key, value, attention_mas
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     batch, k_len = key.shape[0], key.shape[-2]
-    valid, first, last = _once(("rows", batch, k_len), attention_mask, lambda: _rows(attention_mask, batch, k_len))
-    found = pattern.decode_query_slots(query, key, first, last, valid, module.__dict__.setdefault("sparsa_state", {}))
+    valid, first, last = _once(("rows", batch, k_len), attention_mask,
+                               lambda: _rows(_visible(attention_mask, batch, k_len)))
+    found = pattern.decode_query_slots(query, key, first, last, valid, _state(module))
     if found is None:  # the same slots for every layer and head: found once per pass
         found = _once(("slots", pattern, batch, k_len), attention_mask, lambda: _static_slots(pattern, valid, first, last))
     index, keep, module.sparsa_last_density = found
@@ -168,11 +169,16 @@ def _prefill_written(module, pattern: PatternBase, key, q_len: int, attention_ma
     if prompt_only:  # a first prefill into a longer static cache: its first q_len slots
         valid = (torch.arange(k_len, device=key.device) < q_len).expand(batch, -1)
     elif attention_mask is not None and attention_mask.dtype == torch.bool:
-        valid = attention_mask[:, 0, -1, :k_len].expand(batch, -1)  # what the last query sees: every filled slot
+        valid = _visible(attention_mask, batch, k_len)  # the last query sees every filled slot
     else:
         return  # a dynamic cache: its decode steps see no mask and read the keys themselves
-    first = torch.where(valid, torch.arange(k_len, device=key.device), k_len).amin(-1)
-    pattern.prefill_written(key, first, valid, module.__dict__.setdefault("sparsa_state", {}))
+    valid, first, _ = _rows(valid)
+    pattern.prefill_written(key, first, valid, _state(module))
+
+
+def _state(module) -> dict:
+    """What the module's pattern keeps from call to call (quest's page bounds); let go by apply and remove."""
+    return module.__dict__.setdefault("sparsa_state", {})
 
 
 _PASS: dict = {}  # what the forward pass under way found once for all its layers: {what: (mask, found)}
@@ -197,11 +203,16 @@ def _once(what: tuple, attention_mask: torch.Tensor, make):
     return found
 
 
-def _rows(attention_mask: torch.Tensor, batch: int, k_len: int):
-    """``(valid, first, last)``: the slots the one query may see ``[B, Lk]``, each row's first of them and the
-    query's own slot (its last)."""
-    valid = attention_mask[:, 0, -1, :k_len].expand(batch, -1)
-    position = torch.arange(k_len, device=attention_mask.device)
+def _visible(attention_mask: torch.Tensor, batch: int, k_len: int) -> torch.Tensor:
+    """``[B, Lk]``: the slots the mask's last query may see."""
+    return attention_mask[:, 0, -1, :k_len].expand(batch, -1)
+
+
+def _rows(valid: torch.Tensor):
+    """``(valid, first, last)`` for the visible slots ``valid`` ``[B, Lk]``: each row's first of them and its
+    last (a decode step's own slot)."""
+    k_len = valid.shape[-1]
+    position = torch.arange(k_len, device=valid.device)
     first = torch.where(valid, position, k_len).amin(-1)
     last = torch.where(valid, position, -1).amax(-1)
     return valid, first, last

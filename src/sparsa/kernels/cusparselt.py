@@ -18,8 +18,9 @@ by every plan of that bucket: each configuration id cuSPARSELt offers gets its
 own plan (so its own, correctly sized workspace) and is timed as the
 dispatcher times paths; the three fastest are timed again with their calls
 interleaved (:meth:`CsltWeight._search`). Split-K stays at the library's
-default: on an H200 (cuSPARSELt 0.8) a sweep of split-K settings at 16-128 tokens found nothing faster, and several
-fp16 split-K plans stopped the CUDA context with an illegal instruction.
+default: on an H200 (cuSPARSELt 0.8) a sweep of split-K settings at 16-128
+tokens found nothing faster, and several fp16 split-K plans stopped the CUDA
+context with an illegal instruction.
 cuSPARSELt's built-in ``cusparseLtMatmulSearch`` is not used: on an
 H100 with cuSPARSELt 0.8 it returned "internal error" and left the CUDA
 context broken ("illegal instruction"), as torch's wrapper of it did.
@@ -39,7 +40,6 @@ from __future__ import annotations
 
 import ctypes
 import glob
-import math
 import os
 import sys
 import threading

@@ -16,6 +16,8 @@ import statistics
 
 import torch
 
+from ..benchmarking import interleaved
+
 __all__ = ["flush_l2", "time_each", "time_us"]
 
 FLUSH_BYTES = 128 << 20
@@ -58,7 +60,7 @@ def time_each(fns: dict, device: torch.device, reps: int = 10, warmup: int = 3,
     """:func:`time_us` of several functions at once, their calls interleaved.
 
     Repetition ``i`` of every function runs before repetition ``i + 1`` of any
-    (in an order that rotates), so all of them meet the same clocks: under
+    (:func:`sparsa.benchmarking.interleaved`: in an order that rotates), so all of them meet the same clocks: under
     sustained load a GPU's clock drifts by more than the few percent that can
     separate two kernels, and timing one function after another lets the
     drift decide between them. ``budget_ms`` and the repetition count apply to
@@ -82,11 +84,7 @@ def time_each(fns: dict, device: torch.device, reps: int = 10, warmup: int = 3,
             reps = max(5, min(200, int(budget_ms / max(round_ms, 0.001))))
         elif round_ms > 5.0:  # long calls: their medians settle with fewer repetitions
             reps = max(3, min(reps, int(50.0 / round_ms)))
-        events: dict = {name: [] for name in names}
-        for i in range(reps):
-            shift = i % len(names)
-            for name in names[shift:] + names[:shift]:
-                events[name].append(_timed_call(fns[name], device))
+        events = interleaved({name: (lambda fn=fn: _timed_call(fn, device)) for name, fn in fns.items()}, reps)
         torch.cuda.synchronize(device)
     return {name: 1000.0 * statistics.median(start.elapsed_time(end) for start, end in pairs)
             for name, pairs in events.items()}
