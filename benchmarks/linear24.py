@@ -7,7 +7,8 @@ Shapes: Llama-3-8B (fused qkv 6144x4096, o 4096x4096, fused gate+up
 28672x4096, down 4096x14336) and Llama-3-70B (10240x8192, 8192x8192,
 57344x8192, 8192x28672); float16 and bfloat16; M in 1, 16, 64, 128, 1024,
 4096, 16384. What is measured and how: :mod:`sparsa.kernels.bench_linear`
-(dense cuBLAS, torch's stock semi-structured path, and ours, alternating).
+(dense cuBLAS, torch's stock semi-structured path, and ours, their calls
+interleaved; and again in rounds, as this script timed until 2026-12-04).
 
 Goals (issue 5): the minimum of dense/ours over all cases >= 0.97 (never
 slower than dense, within noise); the mean at M >= 4096 >= 1.5; the
@@ -31,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: 8B o and down, M in 1, 64, 4096, both dtypes")
     parser.add_argument("--budget-s", type=float, default=300.0, help="start no new shape after this many seconds")
-    parser.add_argument("--rep-ms", type=float, default=30.0, help="timing per measurement, split over 3 alternating rounds")
+    parser.add_argument("--rep-ms", type=float, default=30.0, help="GPU time per measurement: interleaved calls, and again split over 3 rounds (ms)")
     parser.add_argument("--name", default="linear24", help="results file name (benchmarks/results/NAME.json)")
     parser.add_argument("--skip-70b-16k", action="store_true", help="leave out the 70B shapes at 16384 tokens")
     parser.add_argument("--models", default="8B,70B", help="which models' shapes, comma-separated (8B, 70B)")

@@ -9,16 +9,27 @@ shape, dtype and token count M, on a random 2:4 weight:
   (measured before timing; its cost is ``tune_s``).
 
 Each output is first checked against the dense product (relative error).
-Then the three are timed in alternating rounds (dense, ours, stock, dense,
-...) with the dispatcher's timer (median of each round, L2 flushed by a
-read before every call, inputs rotating over several copies); each keeps
-the fastest round. Alternating keeps a drift of the GPU clock from favouring
-whichever ran first. Ratios are dense time / other time (> 1: faster).
+Then the three are timed with the dispatcher's timer (L2 flushed by a read
+before every call, inputs rotating over several copies), two ways:
+
+* interleaved (``dense_us``, ``ours_us``, ``stock_us``, ``ratio_ours``): one
+  call of each in turn, the order rotating, and each one's median
+  (:func:`~sparsa.kernels.timing.time_each`), so that all three meet the same
+  clocks. This is how sparsa's own choices are timed (the dispatch, the
+  cuSPARSELt search), and the headline;
+* in rounds (``rounds_us``, ``ratio_ours_rounds``), as until 2026-12-04:
+  a block of calls of each (dense, ours, stock, dense, ...), three rounds,
+  each keeping its fastest round's median. Under a power cap the clock
+  drifts between blocks; on an H200 a block's median moved by up to 15%
+  from one pass to the next (``cslt_search.py``).
+
+Ratios are dense time / other time (> 1: faster).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 import torch
 import torch.nn.functional as F
@@ -54,6 +65,13 @@ def _bench(fn, rep_ms: float) -> float:
     from .timing import time_us
 
     return time_us(fn, torch.device("cuda"), budget_ms=rep_ms)
+
+
+def time_interleaved(fns: dict, rep_ms: float) -> dict[str, float]:
+    """The median (µs) of each function, their calls interleaved (``rep_ms``: GPU time for one call of each, repeated)."""
+    from .timing import time_each
+
+    return time_each(fns, torch.device("cuda"), budget_ms=rep_ms)
 
 
 def time_side_by_side(fns: dict, rep_ms: float, rounds: int = ROUNDS) -> dict[str, float]:
@@ -131,16 +149,19 @@ def _run_case(case: dict, ours, w, stock_w, stock_error, rep_ms: float, dispatch
         fns = {"dense": _Rotating(xs, lambda x: F.linear(x, w)), "ours": _Rotating(xs, ours)}
         if stock_w is not None and "stock_error" not in case:
             fns["stock"] = _Rotating(xs, lambda x: F.linear(x, stock_w))
-        times = time_side_by_side(fns, rep_ms)
+        times = time_interleaved(fns, rep_ms)
+        rounds = time_side_by_side(fns, rep_ms)
     for name, t in times.items():
         case[f"{name}_us"] = t
     case["ratio_ours"] = case["dense_us"] / case["ours_us"]
+    case["rounds_us"] = {name: round(t, 2) for name, t in rounds.items()}
+    case["ratio_ours_rounds"] = rounds["dense"] / rounds["ours"]
     case["ratio_stock"] = case["dense_us"] / case["stock_us"] if "stock_us" in case else None
 
 
 def format_header() -> str:
     return (f"{'model':5} {'layer':8} {'N x K':>12} {'dtype':5} {'M':>6} {'dense us':>10} {'ours us':>10} {'path':>10} "
-            f"{'dense/ours':>10} {'stock us':>10} {'dense/stock':>11}")
+            f"{'dense/ours':>10} {'rounds':>7} {'stock us':>10} {'dense/stock':>11}")
 
 
 def format_case(c: dict) -> str:
@@ -149,7 +170,8 @@ def format_case(c: dict) -> str:
         return f"{head}  FAILED: {c.get('error', '?')}"
     stock = f"{c['stock_us']:10.1f} {c['ratio_stock']:10.2f}x" if c.get("stock_us") else f"{'-':>10} {'-':>11}"
     flag = "" if c["correct"] else f"  WRONG (error {c['error_ours']:.3g})"
-    return f"{head} {c['dense_us']:10.1f} {c['ours_us']:10.1f} {c['path']:>10} {c['ratio_ours']:9.2f}x {stock}{flag}"
+    rounds = f"{c['ratio_ours_rounds']:6.2f}x" if "ratio_ours_rounds" in c else f"{'-':>7}"
+    return f"{head} {c['dense_us']:10.1f} {c['ours_us']:10.1f} {c['path']:>10} {c['ratio_ours']:9.2f}x {rounds} {stock}{flag}"
 
 
 def _geomean(xs: list[float]) -> float:
@@ -161,6 +183,7 @@ def summarize(cases: list[dict]) -> dict:
     ok = [c for c in cases if c.get("correct") and "ratio_ours" in c]
     ratios = [c["ratio_ours"] for c in ok]
     large = [c["ratio_ours"] for c in ok if c["m"] >= 4096]
+    large_rounds = [c["ratio_ours_rounds"] for c in ok if c["m"] >= 4096 and "ratio_ours_rounds" in c]  # the older timing
     stock = [c["ratio_stock"] for c in ok if c.get("ratio_stock")]
     by_m = {}
     for m in sorted({c["m"] for c in ok}):
@@ -172,6 +195,7 @@ def summarize(cases: list[dict]) -> dict:
         "cases": len(cases), "wrong": len(cases) - len(ok),
         "min_ratio": min(ratios) if ratios else float("nan"),
         "mean_ratio_m_ge_4096": sum(large) / len(large) if large else float("nan"),
+        "mean_ratio_m_ge_4096_rounds": statistics.mean(large_rounds) if large_rounds else None,
         "geomean_ratio_m1": _geomean([c["ratio_ours"] for c in ok if c["m"] == 1]),
         "stock_min_ratio": min(stock) if stock else None, "stock_max_ratio": max(stock) if stock else None,
         "by_tokens": by_m,
@@ -183,4 +207,6 @@ def format_summary(s: dict) -> list[str]:
     for m, r in s["by_tokens"].items():
         stock = f"{r['stock_min']:.2f}..{r['stock_max']:.2f}" if r["stock_min"] is not None else "-"
         lines.append(f"  M={m:6d}: {r['ours_min']:.2f} / {r['ours_geomean']:.2f} / {r['ours_max']:.2f}; stock {stock}")
+    if s.get("mean_ratio_m_ge_4096_rounds") is not None:
+        lines.append(f"mean at M >= 4096: {s['mean_ratio_m_ge_4096']:.3f} interleaved, {s['mean_ratio_m_ge_4096_rounds']:.3f} in rounds")
     return lines
