@@ -179,13 +179,14 @@ def worker(name: str, models: set[str], tokens: list[int], done: dict) -> None:
     if cs.load_library() is None:
         sys.exit("cslt_layouts.py needs cuSPARSELt")
     layout, device = LAYOUTS[name], torch.device("cuda")
+    where = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, cusparselt=cs.library_version())
     for model, group in SHAPES.items():
         if model not in models:
             continue
         for layer, n, k in group:
             for dname, dtype in DTYPES.items():
                 w = random_24(n, k, dtype, seed=n + k, device="cuda")
-                case = dict(layout=name, model=model, layer=layer, n=n, k=k, dtype=dname)
+                case = dict(layout=name, model=model, layer=layer, n=n, k=k, dtype=dname, **where)
                 todo = [m for m in tokens if _key(dict(case, m=m)) not in done]
                 if not todo:
                     continue
@@ -227,6 +228,30 @@ def worker(name: str, models: set[str], tokens: list[int], done: dict) -> None:
                                           seconds=round(time.perf_counter() - t0, 1))), flush=True)
 
 
+def compare(rows: list[dict], ours: str = "a_row") -> dict:
+    """Layouts against each other over the correct rows: each layout's mean speed-up over the cases every
+    layout ran, how often each was the fastest, and ``ours``'s worst relative loss to the fastest layout of a case."""
+    cases: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if r.get("correct") and "speedup" in r:
+            cases.setdefault((r["model"], r["layer"], r["dtype"], r["m"]), {})[r["layout"]] = r["speedup"]
+    names = set().union(*cases.values()) if cases else set()
+    common = [by_layout for by_layout in cases.values() if set(by_layout) == names]
+    wins: dict[str, int] = {}
+    losses = []
+    for by_layout in cases.values():
+        if ours in by_layout:
+            fastest = max(by_layout, key=by_layout.get)
+            wins[fastest] = wins.get(fastest, 0) + 1
+            losses.append(1.0 - by_layout[ours] / by_layout[fastest])
+    return {
+        "mean_speedup": {name: statistics.mean(c[name] for c in common) for name in sorted(names)} if common else {},
+        "common_cases": len(common),
+        "fastest_counts": wins,
+        "worst_loss": round(max(losses), 4) if losses else float("nan"),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="8B,70B", help="which models' shapes, comma-separated (8B, 70B)")
@@ -247,6 +272,10 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: torch {torch.__version__}, cuSPARSELt {library_version()}", flush=True)
     started, failures = time.perf_counter(), {}
     journal = Journal(args.name, key=_key, fresh=args.fresh)
+    elsewhere = {r.get("gpu") for r in journal.done.values()} - {torch.cuda.get_device_name()}
+    if elsewhere:  # rows kept by a run on another GPU are not resumed here
+        print(f"starting over: the kept rows were measured on {', '.join(map(str, sorted(elsewhere, key=str)))}", flush=True)
+        journal = Journal(args.name, key=_key, fresh=True)
     for name in args.layouts.split(","):
         command = [sys.executable, __file__, "--worker", name, "--models", args.models, "--tokens", args.tokens,
                    "--name", args.name]
@@ -263,27 +292,14 @@ def main() -> None:
             failures[name] = f"exit {worker_process.returncode}: {stderr.splitlines()[-1] if stderr else ''}"[:300]
             print(f"{name}: {failures[name]}", flush=True)
     rows = list(journal.done.values())
-    cases: dict[tuple, dict[str, dict]] = {}
-    for r in rows:
-        if "speedup" in r and r["correct"]:
-            cases.setdefault((r["model"], r["layer"], r["dtype"], r["m"]), {})[r["layout"]] = r
-    losses, wins = [], {}
-    for key, by_layout in cases.items():
-        if "a_row" not in by_layout:
-            continue
-        fastest = max(by_layout, key=lambda name: by_layout[name]["speedup"])
-        wins[fastest] = wins.get(fastest, 0) + 1
-        losses.append(1.0 - by_layout["a_row"]["speedup"] / by_layout[fastest]["speedup"])
-    names = {r["layout"] for r in rows if r.get("correct")}
-    common = [by_layout for by_layout in cases.values() if set(by_layout) == names]  # cases every layout ran
-    summary = {name: statistics.mean(by_layout[name]["speedup"] for by_layout in common) for name in names} if common else {}
-    print(f"mean speed-up over dense by layout, over the {len(common)} cases all ran: "
-          + ", ".join(f"{k} {v:.3f}x" for k, v in sorted(summary.items())), flush=True)
-    print(f"fastest layout per case: {wins}", flush=True)
-    goals = [goal("a_row's worst loss to the fastest layout", round(max(losses), 4) if losses else float("nan"), 0.02)]
+    compared = compare(rows)
+    print(f"mean speed-up over dense by layout, over the {compared['common_cases']} cases all ran: "
+          + ", ".join(f"{k} {v:.3f}x" for k, v in sorted(compared["mean_speedup"].items())), flush=True)
+    print(f"fastest layout per case: {compared['fastest_counts']}", flush=True)
+    goals = [goal("a_row's worst loss to the fastest layout", compared["worst_loss"], 0.02)]
     print_goals(goals)
     path = write_results(args.name, dict(models=sorted(models), tokens=tokens, layouts={k: vars(v) for k, v in LAYOUTS.items()},
-                                         mean_speedup=summary, fastest_counts=wins, failures=failures,
+                                         **compared, failures=failures,
                                          elapsed_s=round(time.perf_counter() - started, 1), cases=rows), goals)
     journal.finish()
     print(f"saved {path}", flush=True)

@@ -44,3 +44,72 @@ def test_interleaved_rotates_the_order_every_round():
     results = interleaved(measures, rounds=4)
     assert calls == ["dense", "ours", "peer", "ours", "peer", "dense", "peer", "dense", "ours", "dense", "ours", "peer"]
     assert results == {"dense": [1, 6, 8, 10], "ours": [2, 4, 9, 11], "peer": [3, 5, 7, 12]}
+
+
+def _cslt_layouts():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "cslt_layouts.py"
+    spec = importlib.util.spec_from_file_location("cslt_layouts", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("cslt_layouts", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_cslt_layout_describes_the_same_memory_as_y_equals_x_w_transposed():
+    """Each layout's descriptors, read with their ops, address x, W (or its one transposed copy) and y where they lie."""
+    layouts = _cslt_layouts().LAYOUTS
+    m, n, k = 24, 48, 64
+
+    def addr(desc, i, j):  # element (i, j) of a stored matrix, in elements from its start
+        rows, cols, ld, row_major = desc
+        assert 0 <= i < rows and 0 <= j < cols and ld >= (cols if row_major else rows)
+        return i * ld + j if row_major else j * ld + i
+
+    for name, layout in layouts.items():
+        sparse, dense, out = layout.shapes(m, n, k)
+        w_addr = (lambda nn, kk: kk * n + nn) if layout.transposed_copy else (lambda nn, kk: nn * k + kk)
+        for mm, nn, kk in [(0, 0, 0), (m - 1, n - 1, k - 1), (5, 17, 33), (23, 1, 62)]:
+            if layout.sparse_a:  # D[N, M] = op(A)[N, K] @ op(B)[K, M]
+                a = (kk, nn) if layout.sparse_op_t else (nn, kk)
+                b = (mm, kk) if layout.dense_op_t else (kk, mm)
+                assert addr(sparse, *a) == w_addr(nn, kk), name
+                assert addr(dense, *b) == mm * k + kk, name
+                assert addr(out, nn, mm) == mm * n + nn, name
+            else:  # D[M, N] = op(A)[M, K] @ op(B)[K, N]
+                b = (nn, kk) if layout.sparse_op_t else (kk, nn)
+                assert addr(dense, mm, kk) == mm * k + kk, name
+                assert addr(sparse, *b) == w_addr(nn, kk), name
+                assert addr(out, mm, nn) == mm * n + nn, name
+
+
+def test_cslt_layouts_compares_layouts_case_by_case():
+    compare = _cslt_layouts().compare
+    row = lambda layout, m, speedup, correct=True: dict(layout=layout, model="8B", layer="o", dtype="fp16", m=m,  # noqa: E731
+                                                       speedup=speedup, correct=correct)
+    rows = [row("a_row", 4096, 1.40), row("a_col", 4096, 1.47), row("b_t", 4096, 1.41),
+            row("a_row", 16384, 1.50), row("a_col", 16384, 1.45), row("b_t", 16384, 9.0, correct=False),
+            row("a_row", 8, 2.0), row("a_col", 8, 2.0), row("b_t", 8, 2.2)]
+    got = compare(rows)
+    assert got["common_cases"] == 2  # 16384 lacks a correct b_t
+    assert got["mean_speedup"] == pytest.approx({"a_col": 1.735, "a_row": 1.70, "b_t": 1.805})
+    assert got["fastest_counts"] == {"a_col": 1, "a_row": 1, "b_t": 1}
+    assert got["worst_loss"] == pytest.approx(round(1 - 2.0 / 2.2, 4))  # the worst case, not the first
+
+
+def test_linear24_summary_keeps_the_interleaved_headline_and_the_rounds_beside_it():
+    from sparsa.kernels.bench_linear import format_case, format_summary, summarize
+
+    case = lambda m, ratio, rounds=None, correct=True: dict(  # noqa: E731
+        model="8B", layer="o", n=4096, k=4096, dtype="bf16", m=m, path="cusparselt", correct=correct, dense_us=1.0,
+        ours_us=1.0 / ratio, ratio_ours=ratio, **({} if rounds is None else {"ratio_ours_rounds": rounds}))
+    cases = [case(4096, 1.50, 1.46), case(16384, 1.56, 1.52), case(1, 1.7), case(4096, 3.0, 3.0, correct=False)]
+    s = summarize(cases)
+    assert s["mean_ratio_m_ge_4096"] == pytest.approx(1.53) and s["mean_ratio_m_ge_4096_rounds"] == pytest.approx(1.49)
+    assert s["wrong"] == 1 and s["min_ratio"] == pytest.approx(1.5)
+    assert "1.530 interleaved, 1.490 in rounds" in format_summary(s)[-1]
+    assert "1.46x" in format_case(cases[0]) and "1.70x" in format_case(cases[2])
+    assert summarize([case(1, 1.7)])["mean_ratio_m_ge_4096_rounds"] is None  # a file from before 2026-12-04
