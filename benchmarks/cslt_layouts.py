@@ -6,7 +6,7 @@
 ways that leave x, W and y where they are in memory (or, for one, W copied
 transposed once at compression). sparsa uses ``a_row``: the weight is the
 structured operand A, row-major, and x and y are read as column-major
-matrices (so every operand is K-major, the layout dense GEMMs favour). The
+matrices (so both inputs are K-major, the layout dense GEMMs favour). The
 others:
 
 =========  ==================================================================
@@ -21,13 +21,17 @@ sparse_bt  as sparse_b, but B stored as W (N x K, row-major) with op(B) = transp
 Each layout runs in its own process (a configuration that stops the CUDA
 context with an illegal instruction loses only that layout), and each case's
 row is kept as it arrives (``results/NAME.partial.jsonl``: a cut run resumes;
-``--fresh`` starts over). In it, for each
-Llama-3 shape, dtype and token count: the product is checked against a float32
-reference, every configuration id is timed as the dispatcher times paths
-(:func:`sparsa.kernels.timing.time_us`), and the three fastest are timed again
-side by side with dense cuBLAS (``F.linear``), their calls interleaved
+``--fresh`` starts over; rows from another GPU are not resumed). In it, for
+each Llama-3 shape, dtype and token count: configuration ids 0 to 31 (the
+ids sparsa's search tries, ``cusparselt.MAX_CONFIGS``) are each timed as the
+dispatcher times a path (:func:`sparsa.kernels.timing.time_us`, five
+calls), and the three fastest are timed again side by side with dense
+cuBLAS (``F.linear``), their calls interleaved
 (:func:`sparsa.kernels.timing.time_each`). A layout's speed-up is dense's
 median over its fastest finalist's, measured in that one interleaved run.
+Id 0's and the fastest id's outputs are checked against a float32 reference
+(written into a NaN-filled output). Split-K is left at the library's
+default.
 
 Goal: sparsa's layout (``a_row``) within 2% of the fastest layout in every case.
 """
@@ -40,6 +44,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -51,14 +56,17 @@ FINALISTS = 3
 FINAL_BUDGET_MS = 300.0
 
 
+_OP_N, _OP_T = 0, 1  # cusparseOperation_t: non-transpose, transpose
+
+
 @dataclass(frozen=True)
 class Layout:
-    """How ``y = x @ W^T`` is described to cuSPARSELt; sizes as (rows, cols, leading dimension, order)."""
+    """How ``y = x @ W^T`` is described to cuSPARSELt."""
 
-    sparse_a: bool
+    sparse_a: bool  # the weight is the structured A (else the structured B)
     transposed_copy: bool  # the weight is copied transposed before compression
-    sparse_op_t: bool
-    dense_op_t: bool
+    sparse_op_t: bool  # the structured operand goes through a transpose op
+    dense_op_t: bool  # x goes through a transpose op
 
     def shapes(self, m: int, n: int, k: int):
         """(structured operand, dense operand, output) descriptors' (rows, cols, ld, row_major)."""
@@ -74,6 +82,22 @@ class Layout:
         sparse = (n, k, k, True) if self.sparse_op_t else (k, n, k, False)
         return sparse, (m, k, k, True), (m, n, n, True)
 
+    @property
+    def op_sparse(self) -> int:
+        return _OP_T if self.sparse_op_t else _OP_N
+
+    @property
+    def op_dense(self) -> int:
+        return _OP_T if self.dense_op_t else _OP_N
+
+    def matmul_ops(self) -> tuple[int, int]:
+        """(op A, op B) for ``cusparseLtMatmulDescriptorInit``."""
+        return (self.op_sparse, self.op_dense) if self.sparse_a else (self.op_dense, self.op_sparse)
+
+    def operands(self, sparse, dense) -> tuple:
+        """(A, B), in that order, of a structured and a dense thing (descriptors or data pointers)."""
+        return (sparse, dense) if self.sparse_a else (dense, sparse)
+
 
 LAYOUTS = {
     "a_row": Layout(True, False, False, False),
@@ -85,6 +109,24 @@ LAYOUTS = {
 }
 
 
+class _Structs:
+    """cuSPARSELt structs, each destroyed (in reverse order) when this object goes."""
+
+    def __init__(self, lib) -> None:
+        self.lib, self.live = lib, []
+
+    def made(self, destroy: str, struct):
+        self.live.append((destroy, struct))
+        return struct
+
+    def __del__(self) -> None:
+        for destroy, struct in reversed(self.live):
+            try:
+                getattr(self.lib, destroy)(struct.ptr)
+            except Exception:  # noqa: BLE001 - interpreter shutdown
+                pass
+
+
 class _LayoutMatmul:
     """One compressed weight in one layout, and one plan per configuration id for one token count."""
 
@@ -93,73 +135,64 @@ class _LayoutMatmul:
 
         self.cs, self.layout, self.lib = cs, layout, cs._LIB
         self.n, self.k = w.shape
-        self.dtype, self.device = w.dtype, w.device
         self.h = cs._handle(w.device).ptr
         self.cuda_type = cs._CUDA_TYPE[w.dtype]
+        self.structs = _Structs(self.lib)
         source = w.t().contiguous() if layout.transposed_copy else w
-        rows, cols, ld, row_major = layout.shapes(8, self.n, self.k)[0]
-        self.sparse = cs._Opaque()
-        cs._check(self.lib.cusparseLtStructuredDescriptorInit(
-            self.h, self.sparse.ptr, rows, cols, ld, 16, self.cuda_type, cs._ORDER_ROW if row_major else cs._ORDER_COL,
-            cs._SPARSITY_50), "structured descriptor")
+        self.sparse = self._descriptor("cusparseLtStructuredDescriptorInit", layout.shapes(8, self.n, self.k)[0],
+                                       cs._SPARSITY_50)
         size, scratch_size = ctypes.c_size_t(0), ctypes.c_size_t(0)
         cs._check(self.lib.cusparseLtSpMMACompressedSize2(self.h, self.sparse.ptr, ctypes.byref(size), ctypes.byref(scratch_size)),
                   "compressed size")
-        self.compressed = torch.empty(size.value, dtype=torch.uint8, device=self.device)
-        scratch = torch.empty(max(scratch_size.value, 1), dtype=torch.uint8, device=self.device)
-        op = 1 if layout.sparse_op_t else cs._OP_N
+        self.compressed = torch.empty(size.value, dtype=torch.uint8, device=w.device)
+        scratch = torch.empty(max(scratch_size.value, 1), dtype=torch.uint8, device=w.device)
         cs._check(self.lib.cusparseLtSpMMACompress2(
-            self.h, self.sparse.ptr, int(layout.sparse_a), op, ctypes.c_void_p(source.data_ptr()),
+            self.h, self.sparse.ptr, int(layout.sparse_a), layout.op_sparse, ctypes.c_void_p(source.data_ptr()),
             ctypes.c_void_p(self.compressed.data_ptr()), ctypes.c_void_p(scratch.data_ptr()),
             ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)), "compress")
         torch.cuda.synchronize()
 
+    def _descriptor(self, init: str, shape: tuple, *extra, structs: _Structs | None = None):
+        cs = self.cs
+        rows, cols, ld, row_major = shape
+        struct = cs._Opaque()
+        cs._check(getattr(self.lib, init)(self.h, struct.ptr, rows, cols, ld, 16, self.cuda_type,
+                                          cs._ORDER_ROW if row_major else cs._ORDER_COL, *extra), init)
+        return (structs or self.structs).made("cusparseLtMatDescriptorDestroy", struct)
+
     def plan(self, m: int, config_id: int):
         """A function ``run(x, y)`` for ``m`` tokens and configuration id (raises CsltError where unsupported), and the id count."""
-        cs, lib, h = self.cs, self.lib, self.h
-        layout = self.layout
-        _, dense, out = layout.shapes(m, self.n, self.k)
-        keep = [cs._Opaque() for _ in range(5)]
-        mat_dense, mat_out, matmul, alg, plan = keep
-
-        def order(row_major):
-            return cs._ORDER_ROW if row_major else cs._ORDER_COL
-
-        cs._check(lib.cusparseLtDenseDescriptorInit(h, mat_dense.ptr, dense[0], dense[1], dense[2], 16, self.cuda_type,
-                                                    order(dense[3])), "dense descriptor")
-        cs._check(lib.cusparseLtDenseDescriptorInit(h, mat_out.ptr, out[0], out[1], out[2], 16, self.cuda_type,
-                                                    order(out[3])), "output descriptor")
-        op_sparse = 1 if layout.sparse_op_t else cs._OP_N
-        op_dense = 1 if layout.dense_op_t else cs._OP_N
-        if layout.sparse_a:
-            ops, mats = (op_sparse, op_dense), (self.sparse.ptr, mat_dense.ptr)
-        else:
-            ops, mats = (op_dense, op_sparse), (mat_dense.ptr, self.sparse.ptr)
-        cs._check(lib.cusparseLtMatmulDescriptorInit(h, matmul.ptr, ops[0], ops[1], mats[0], mats[1], mat_out.ptr,
-                                                     mat_out.ptr, cs._COMPUTE_32F), "matmul descriptor")
+        cs, lib, h, layout = self.cs, self.lib, self.h, self.layout
+        structs = _Structs(lib)  # this plan's own, destroyed with ``run``
+        _, dense_shape, out_shape = layout.shapes(m, self.n, self.k)
+        dense = self._descriptor("cusparseLtDenseDescriptorInit", dense_shape, structs=structs)
+        out = self._descriptor("cusparseLtDenseDescriptorInit", out_shape, structs=structs)
+        matmul, alg, plan = cs._Opaque(), cs._Opaque(), cs._Opaque()
+        mat_a, mat_b = layout.operands(self.sparse, dense)
+        cs._check(lib.cusparseLtMatmulDescriptorInit(h, matmul.ptr, *layout.matmul_ops(), mat_a.ptr, mat_b.ptr, out.ptr,
+                                                     out.ptr, cs._COMPUTE_32F), "matmul descriptor")
         cs._check(lib.cusparseLtMatmulAlgSelectionInit(h, alg.ptr, matmul.ptr, cs._ALG_DEFAULT), "algorithm selection")
-        value = ctypes.c_int(config_id)
+        structs.made("cusparseLtMatmulAlgSelectionDestroy", alg)
+        value, top = ctypes.c_int(config_id), ctypes.c_int(0)
         cs._check(lib.cusparseLtMatmulAlgSetAttribute(h, alg.ptr, cs._ATTR_CONFIG_ID, ctypes.byref(value),
                                                       ctypes.sizeof(value)), "set algorithm")
-        top = ctypes.c_int(0)
         cs._check(lib.cusparseLtMatmulAlgGetAttribute(h, alg.ptr, cs._ATTR_CONFIG_MAX_ID, ctypes.byref(top),
                                                       ctypes.sizeof(top)), "max id")
         cs._check(lib.cusparseLtMatmulPlanInit(h, plan.ptr, matmul.ptr, alg.ptr), "plan init")
+        structs.made("cusparseLtMatmulPlanDestroy", plan)
         size = ctypes.c_size_t(0)
         cs._check(lib.cusparseLtMatmulGetWorkspace(h, plan.ptr, ctypes.byref(size)), "workspace size")
-        workspace = torch.empty(max(size.value, 1), dtype=torch.uint8, device=self.device)
+        workspace = torch.empty(max(size.value, 1), dtype=torch.uint8, device=self.compressed.device)
         alpha, beta = ctypes.c_float(1.0), ctypes.c_float(0.0)
         streams = (ctypes.c_void_p * 1)()
-        compressed = self.compressed.data_ptr()
 
         def run(x: torch.Tensor, y: torch.Tensor) -> None:
-            a, b = (compressed, x.data_ptr()) if layout.sparse_a else (x.data_ptr(), compressed)
+            a, b = layout.operands(self.compressed.data_ptr(), x.data_ptr())
             streams[0] = torch.cuda.current_stream().cuda_stream
-            run.keep = (keep, workspace)  # the plan's structs and workspace live as long as this function
             cs._check(lib.cusparseLtMatmul(h, plan.ptr, ctypes.byref(alpha), a, b, ctypes.byref(beta), y.data_ptr(),
                                            y.data_ptr(), workspace.data_ptr(), streams, 1), "matmul")
 
-        run.keep = (keep, workspace)
+        run.owners = (self, structs, matmul, workspace)  # the weight and the plan's structs live as long as ``run``
         return run, top.value
 
 
@@ -185,11 +218,11 @@ def worker(name: str, models: set[str], tokens: list[int], done: dict) -> None:
             continue
         for layer, n, k in group:
             for dname, dtype in DTYPES.items():
-                w = random_24(n, k, dtype, seed=n + k, device="cuda")
                 case = dict(layout=name, model=model, layer=layer, n=n, k=k, dtype=dname, **where)
                 todo = [m for m in tokens if _key(dict(case, m=m)) not in done]
                 if not todo:
                     continue
+                w = random_24(n, k, dtype, seed=n + k, device="cuda")
                 try:
                     op = _LayoutMatmul(layout, w)
                 except cs.CsltError as exc:
@@ -205,9 +238,14 @@ def worker(name: str, models: set[str], tokens: list[int], done: dict) -> None:
                     except cs.CsltError as exc:
                         print(json.dumps(dict(case, m=m, error=str(exc))), flush=True)
                         continue
-                    y.fill_(float("nan"))
-                    run(x, y)
-                    error = rel_error(y, x.float() @ w.float().t())
+                    ref = x.float() @ w.float().t()
+
+                    def error_of(fn) -> float:  # every output element written, and right
+                        y.fill_(float("nan"))
+                        fn(x, y)
+                        return rel_error(y, ref)
+
+                    error = error_of(run)
                     timed = []
                     for config_id in range(min(top, cs.MAX_CONFIGS - 1) + 1):
                         try:
@@ -222,28 +260,30 @@ def worker(name: str, models: set[str], tokens: list[int], done: dict) -> None:
                     medians = time_each(fns, device, budget_ms=FINAL_BUDGET_MS)
                     dense_us = medians.pop("dense")
                     best = min(medians, key=medians.get)
-                    print(json.dumps(dict(case, m=m, ids=top + 1, error_rel=error, correct=error < 1e-2, best=best,
+                    error_best = error_of(next(fn for _, cid, fn in timed if f"alg{cid}" == best))
+                    del ref
+                    print(json.dumps(dict(case, m=m, at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), ids=top + 1,
+                                          ids_tried=min(top, cs.MAX_CONFIGS - 1) + 1, error_rel=error, error_best=error_best,
+                                          correct=max(error, error_best) < 1e-2, best=best,
                                           best_us=round(medians[best], 2), dense_us=round(dense_us, 2),
                                           speedup=dense_us / medians[best], finalists_us={key: round(t, 2) for key, t in medians.items()},
                                           seconds=round(time.perf_counter() - t0, 1))), flush=True)
 
 
 def compare(rows: list[dict], ours: str = "a_row") -> dict:
-    """Layouts against each other over the correct rows: each layout's mean speed-up over the cases every
-    layout ran, how often each was the fastest, and ``ours``'s worst relative loss to the fastest layout of a case."""
-    cases: dict[tuple, dict[str, dict]] = {}
+    """Layouts against each other over the cases every layout ran correctly: each one's mean speed-up,
+    how often each was the fastest, and ``ours``'s worst relative loss to a case's fastest layout."""
+    cases: dict[tuple, dict[str, float]] = {}
     for r in rows:
         if r.get("correct") and "speedup" in r:
             cases.setdefault((r["model"], r["layer"], r["dtype"], r["m"]), {})[r["layout"]] = r["speedup"]
     names = set().union(*cases.values()) if cases else set()
     common = [by_layout for by_layout in cases.values() if set(by_layout) == names]
     wins: dict[str, int] = {}
-    losses = []
-    for by_layout in cases.values():
-        if ours in by_layout:
-            fastest = max(by_layout, key=by_layout.get)
-            wins[fastest] = wins.get(fastest, 0) + 1
-            losses.append(1.0 - by_layout[ours] / by_layout[fastest])
+    for by_layout in common:
+        fastest = max(by_layout, key=by_layout.get)
+        wins[fastest] = wins.get(fastest, 0) + 1
+    losses = [1.0 - c[ours] / max(c.values()) for c in common] if ours in names else []
     return {
         "mean_speedup": {name: statistics.mean(c[name] for c in common) for name in sorted(names)} if common else {},
         "common_cases": len(common),
@@ -279,17 +319,20 @@ def main() -> None:
     for name in args.layouts.split(","):
         command = [sys.executable, __file__, "--worker", name, "--models", args.models, "--tokens", args.tokens,
                    "--name", args.name]
-        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as worker_process:
+        with tempfile.TemporaryFile("w+") as stderr, subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=stderr, text=True) as worker_process:  # a file: no pipe to fill
             for line in worker_process.stdout:  # each row is kept as it arrives: a cut run resumes after it
                 if not line.startswith("{"):
                     continue
                 r = journal.append(json.loads(line))
                 text = (f"{r['speedup']:.3f}x {r['best']:>6} {r['best_us']:9.1f} us  dense {r['dense_us']:9.1f} us  "
-                        f"err {r['error_rel']:.1e}" if "speedup" in r else f"error: {r['error'][:80]}")
+                        f"err {max(r['error_rel'], r['error_best']):.1e}" if "speedup" in r else f"error: {r['error'][:80]}")
                 print(f"{name:10} {r['model']:4} {r['layer']:8} {r['dtype']:5} {r['m']:6}  {text}", flush=True)
-            stderr = worker_process.stderr.read().strip()
+            worker_process.wait()
+            stderr.seek(0)
+            last = stderr.read().strip().splitlines()[-1:]
         if worker_process.returncode:
-            failures[name] = f"exit {worker_process.returncode}: {stderr.splitlines()[-1] if stderr else ''}"[:300]
+            failures[name] = f"exit {worker_process.returncode}: {' '.join(last)}"[:300]
             print(f"{name}: {failures[name]}", flush=True)
     rows = list(journal.done.values())
     compared = compare(rows)
@@ -301,8 +344,11 @@ def main() -> None:
     path = write_results(args.name, dict(models=sorted(models), tokens=tokens, layouts={k: vars(v) for k, v in LAYOUTS.items()},
                                          **compared, failures=failures,
                                          elapsed_s=round(time.perf_counter() - started, 1), cases=rows), goals)
-    journal.finish()
-    print(f"saved {path}", flush=True)
+    if failures:
+        print(f"saved {path}; the rows stay in {journal.path} so that a rerun resumes the layouts that failed", flush=True)
+    else:
+        journal.finish()
+        print(f"saved {path}", flush=True)
 
 
 if __name__ == "__main__":
