@@ -22,12 +22,13 @@ Each layout runs in its own process (a configuration that stops the CUDA
 context with an illegal instruction loses only that layout), and each case's
 row is kept as it arrives (``results/NAME.partial.jsonl``: a cut run resumes;
 ``--fresh`` starts over; rows from another GPU are not resumed). In it, for
-each Llama-3 shape, dtype and token count: configuration ids 0 to 31 (the
-ids sparsa's search tries, ``cusparselt.MAX_CONFIGS``) are each timed as the
-dispatcher times a path (:func:`sparsa.kernels.timing.time_us`, five
-calls), and the three fastest are timed again side by side with dense
-cuBLAS (``F.linear``), their calls interleaved
-(:func:`sparsa.kernels.timing.time_each`). A layout's speed-up is dense's
+each Llama-3 shape, dtype and token count, configuration ids 0 to 31 (the
+ids sparsa's search tries, ``cusparselt.MAX_CONFIGS``) go through sparsa's
+own search (:func:`sparsa.kernels.timing.fastest_of`, with the settings
+:meth:`~sparsa.kernels.cusparselt.CsltWeight._search` uses), with dense
+cuBLAS (``F.linear``) timed among the finalists, their calls interleaved.
+Until 2026-12-04 21:00 UTC the script ran its own copy of the search (five
+calls per id, 300 ms for the finalists): the two runs kept were taken so. A layout's speed-up is dense's
 median over its fastest finalist's, measured in that one interleaved run.
 Id 0's and the fastest id's outputs are checked against a float32 reference
 (written into a NaN-filled output). Split-K is left at the library's
@@ -51,10 +52,6 @@ from dataclasses import dataclass
 import torch
 
 from sparsa.benchmarking import Journal, goal, print_goals, write_results
-
-FINALISTS = 3
-FINAL_BUDGET_MS = 300.0
-
 
 _OP_N, _OP_T = 0, 1  # cusparseOperation_t: non-transpose, transpose
 
@@ -207,7 +204,7 @@ def worker(name: str, models: set[str], tokens: list[int], done: dict) -> None:
     from sparsa.kernels import cusparselt as cs
     from sparsa.kernels.bench_linear import DTYPES, SHAPES, rel_error
     from sparsa.kernels.sparse24 import random_24
-    from sparsa.kernels.timing import time_each, time_us
+    from sparsa.kernels.timing import fastest_of
 
     if cs.load_library() is None:
         sys.exit("cslt_layouts.py needs cuSPARSELt")
@@ -246,21 +243,24 @@ def worker(name: str, models: set[str], tokens: list[int], done: dict) -> None:
                         return rel_error(y, ref)
 
                     error = error_of(run)
-                    timed = []
-                    for config_id in range(min(top, cs.MAX_CONFIGS - 1) + 1):
-                        try:
-                            fn, _ = op.plan(m, config_id)
-                            fn(x, y)
-                        except cs.CsltError:
-                            continue
-                        timed.append((time_us(lambda fn=fn: fn(x, y), device, reps=5), config_id, fn))
-                        timed = sorted(timed, key=lambda t: t[:2])[:FINALISTS]
-                    fns = {f"alg{cid}": (lambda fn=fn: fn(x, y)) for _, cid, fn in timed}
-                    fns["dense"] = lambda: F.linear(x, w)
-                    medians = time_each(fns, device, budget_ms=FINAL_BUDGET_MS)
+
+                    def candidates():
+                        for config_id in range(min(top, cs.MAX_CONFIGS - 1) + 1):
+                            try:
+                                fn, _ = op.plan(m, config_id)
+                                fn(x, y)
+                            except cs.CsltError:
+                                continue
+                            yield f"alg{config_id}", (lambda fn=fn: fn(x, y)), fn
+
+                    medians, finalists = fastest_of(candidates(), device, cs.SEARCH_FINALISTS, cs.SEARCH_FINAL_MS,
+                                                    beside={"dense": lambda: F.linear(x, w)}, skip=cs.CsltError)
+                    if not finalists:
+                        print(json.dumps(dict(case, m=m, error="no configuration id ran")), flush=True)
+                        continue
                     dense_us = medians.pop("dense")
                     best = min(medians, key=medians.get)
-                    error_best = error_of(next(fn for _, cid, fn in timed if f"alg{cid}" == best))
+                    error_best = error_of(finalists[best])
                     del ref
                     print(json.dumps(dict(case, m=m, at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), ids=top + 1,
                                           ids_tried=min(top, cs.MAX_CONFIGS - 1) + 1, error_rel=error, error_best=error_best,

@@ -135,3 +135,31 @@ def test_linear24_summary_keeps_the_rounds_headline_and_the_interleaved_timing_b
     assert "1.50x" in format_case(cases[0]) and "1.70x" in format_case(cases[2])
     # a file from before 2026-12-04 (no interleaved timing) mixed with a newer one: no interleaved mean over part of the cases
     assert summarize([case(4096, 1.46, 1.50), case(16384, 1.52)])["mean_ratio_m_ge_4096_interleaved"] is None
+
+
+def test_fastest_of_shortlists_then_times_the_finalists_beside_the_reference(monkeypatch):
+    """What the cuSPARSELt search and the layout study share: the fastest few by time_us (the earlier on a tie,
+    a failing one left out), then those and the reference timed together; only finalists are kept."""
+    from sparsa.kernels import timing
+
+    alone = {"a": 5.0, "b": 3.0, "c": 3.0, "d": 9.0, "e": 1.0}
+    monkeypatch.setattr(timing, "time_us", lambda fn, device: fn())
+    seen = []
+    monkeypatch.setattr(timing, "time_each", lambda fns, device, budget_ms: seen.append((set(fns), budget_ms))
+                        or {name: 10.0 * alone.get(name, 0.5) for name in fns})
+
+    def fails():
+        raise KeyError("unsupported")
+
+    def candidates():
+        for name in "abcdxe":
+            yield name, (fails if name == "x" else (lambda name=name: alone[name])), f"plan {name}"
+
+    medians, kept = timing.fastest_of(candidates(), "cpu", finalists=3, final_ms=50.0, beside={"dense": lambda: 0.0},
+                                      skip=KeyError)
+    assert kept == {"e": "plan e", "b": "plan b", "c": "plan c"}  # b before c: the earlier on a tie
+    assert seen == [({"e", "b", "c", "dense"}, 50.0)]
+    assert medians == {"e": 10.0, "b": 30.0, "c": 30.0, "dense": 5.0}
+    with pytest.raises(KeyError):
+        timing.fastest_of(candidates(), "cpu")  # not skipped unless asked
+    assert timing.fastest_of(iter(()), "cpu") == ({}, {})

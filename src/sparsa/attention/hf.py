@@ -152,15 +152,18 @@ def _decode_slots(module, pattern: PatternBase, query, key, value, attention_mas
         return slot_attention(query, key, value, index, keep, scaling), None  # reads the slots in place
     if index.dim() == 3:  # a list per query head: gather each key-value head's group of lists at once
         b, h, n = index.shape
-        kv_heads = key.shape[1]
-        grouped = index.reshape(b, kv_heads, -1)
-        key = key.gather(2, grouped[..., None].expand(-1, -1, -1, key.shape[-1])).reshape(b, h, n, -1)
-        value = value.gather(2, grouped[..., None].expand(-1, -1, -1, value.shape[-1])).reshape(b, h, n, -1)
+        grouped = index.reshape(b, key.shape[1], -1)
+        key, value = (_gather_slots(t, grouped).reshape(b, h, n, -1) for t in (key, value))
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, keep[:, :, None, :], scale=scaling)
         return out.transpose(1, 2).contiguous(), None
-    key = key.gather(2, index[:, None, :, None].expand(-1, key.shape[1], -1, key.shape[-1]))
-    value = value.gather(2, index[:, None, :, None].expand(-1, value.shape[1], -1, value.shape[-1]))
+    shared = index[:, None, :].expand(-1, key.shape[1], -1)
+    key, value = _gather_slots(key, shared), _gather_slots(value, shared)
     return sdpa_attention_forward(module, query, key, value, keep[:, None, None, :], dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _gather_slots(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t[b, h, index[b, h, j], :]`` for a cache ``t`` ``[B, Hkv, L, D]`` and slots ``index`` ``[B, Hkv, m]``."""
+    return t.gather(2, index[..., None].expand(-1, -1, -1, t.shape[-1]))
 
 
 def _prefill_written(module, pattern: PatternBase, key, q_len: int, attention_mask, prompt_only: bool) -> None:

@@ -356,30 +356,29 @@ class CsltWeight:
 
         Each id is timed as the dispatcher times paths (:func:`~sparsa.kernels.timing.time_us`:
         L2 flushed, median of several calls). The ``SEARCH_FINALISTS`` fastest are
-        then timed again with their calls interleaved (:func:`~sparsa.kernels.timing.time_each`),
+        then timed again with their calls interleaved (:func:`~sparsa.kernels.timing.fastest_of`),
         so that they meet the same clocks: timed one after another at 4096-16384
         tokens, the same id's median moved by up to 15% between passes (H200, power
         capped), more than separates the best ids.
         """
-        from .timing import time_each, time_us
+        from .timing import fastest_of
 
         m = x.shape[0]
         default = _Plan(self, m, Algorithm(0))
         last = min(default.max_config_id(), MAX_CONFIGS - 1)
-        timed: list[tuple[float, int, _Plan]] = []
-        for config_id in range(last + 1):
-            try:
-                plan = default if config_id == 0 else _Plan(self, m, Algorithm(config_id))
-                plan.run(x, y)  # the status check
-                timed.append((time_us(lambda plan=plan: plan.run(x, y), self.device), config_id, plan))
-            except CsltError:
-                continue  # a configuration this problem does not support
-            timed = sorted(timed, key=lambda t: t[:2])[:SEARCH_FINALISTS]  # only the finalists' plans are kept
-        if not timed:
+
+        def candidates():
+            for config_id in range(last + 1):
+                try:
+                    plan = default if config_id == 0 else _Plan(self, m, Algorithm(config_id))
+                    plan.run(x, y)  # the status check
+                except CsltError:
+                    continue  # a configuration this problem does not support
+                yield plan.algorithm.key(), (lambda plan=plan: plan.run(x, y)), plan
+
+        medians, finalists = fastest_of(candidates(), self.device, SEARCH_FINALISTS, SEARCH_FINAL_MS, skip=CsltError)
+        if not finalists:
             return default
-        finalists = {plan.algorithm.key(): plan for _, _, plan in timed}
-        medians = time_each({key: (lambda plan=plan: plan.run(x, y)) for key, plan in finalists.items()},
-                            self.device, budget_ms=SEARCH_FINAL_MS)
         self.search_us.pop(bucket, None)  # the newest search last
         self.search_us[bucket] = {key: round(t, 2) for key, t in medians.items()}
         return finalists[min(medians, key=medians.get)]

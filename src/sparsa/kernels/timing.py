@@ -18,7 +18,7 @@ import torch
 
 from ..benchmarking import interleaved
 
-__all__ = ["flush_l2", "time_each", "time_us"]
+__all__ = ["fastest_of", "flush_l2", "time_each", "time_us"]
 
 FLUSH_BYTES = 128 << 20
 WARM_MS = 5.0
@@ -88,6 +88,32 @@ def time_each(fns: dict, device: torch.device, reps: int = 10, warmup: int = 3,
         torch.cuda.synchronize(device)
     return {name: 1000.0 * statistics.median(start.elapsed_time(end) for start, end in pairs)
             for name, pairs in events.items()}
+
+
+def fastest_of(candidates, device: torch.device, finalists: int = 3, final_ms: float = 200.0,
+               beside: dict | None = None, skip: type[Exception] | tuple = ()) -> tuple[dict, dict]:
+    """Shortlist, then decide side by side: ``(medians, kept)`` for ``candidates``, an iterable of
+    ``(name, fn, thing)``.
+
+    Each ``fn`` is timed with :func:`time_us` as it comes, and only the ``finalists`` fastest (the earlier on a
+    tie) keep their ``thing``; those are then timed again with :func:`time_each`, their calls interleaved with
+    ``beside``'s (functions timed for comparison, never kept) within ``final_ms`` of GPU time per round.
+    A candidate whose timing raises one of ``skip`` is left out. ``medians`` maps the finalists' and
+    ``beside``'s names to microseconds; ``kept`` the finalists' names to their things. Candidates are made one at a time, so a generator that builds each one holds at most
+    ``finalists + 1`` of them.
+    """
+    short: list[tuple[float, int, str, object, object]] = []
+    for order, (name, fn, thing) in enumerate(candidates):
+        try:
+            short.append((time_us(fn, device), order, name, fn, thing))
+        except skip:
+            continue
+        short = sorted(short, key=lambda t: t[:2])[:finalists]
+    if not short:
+        return {}, {}
+    fns = {name: fn for _, _, name, fn, _ in short}
+    medians = time_each({**fns, **(beside or {})}, device, budget_ms=final_ms)
+    return medians, {name: thing for _, _, name, _, thing in short}
 
 
 def _timed_call(fn, device: torch.device) -> tuple:
