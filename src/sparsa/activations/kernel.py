@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..kernels.devices import on_input_device
 from ..kernels.sparse_gemv import MAX_TOKENS, GemvConfig, PreparedGemv
 from .cut import Cut, prepare_cut
 
@@ -45,6 +46,7 @@ class SparseInputLinear(nn.Module):
         self._prepared: dict[tuple[int, GemvConfig], PreparedGemv] = {}  # per token count and configuration
         self._cuts: dict[tuple, Cut] = {}  # the cut outside the GEMV, per input dtype, device and thresholds' version
 
+    @on_input_device()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         m = flat.shape[0]

@@ -26,6 +26,7 @@ import torch
 
 from ..errors import InputError
 from ..kernels._triton import HAVE_TRITON
+from ..kernels.devices import on_input_device
 from ..registry import Registry
 from .masks import BlockMask, block_aligned
 
@@ -184,6 +185,7 @@ def triton_kernel(q, k, v, mask: BlockMask, scale: float | None = None, **launch
     return out[:, :, front : front + lq]
 
 
+@on_input_device(0)
 def attend(q, k, v, mask: BlockMask, scale: float | None = None, backend: str = "reference", **launch) -> torch.Tensor:
     """Block-sparse causal attention on the named backend (``launch`` options for the triton backend only)."""
     return BACKENDS.get(backend)(q, k, v, mask, scale, **launch)

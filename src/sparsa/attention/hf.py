@@ -39,6 +39,7 @@ import torch.nn as nn
 
 from ..errors import InputError, require
 from ..kernels._triton import HAVE_TRITON, half_on_gpu
+from ..kernels.devices import on_input_device
 from ..kernels.slot_attention import slot_attention
 from .backends import BACKENDS, attend
 from .base import PatternBase, make_pattern
@@ -76,6 +77,7 @@ class AttentionPolicy:
         return "masked"
 
 
+@on_input_device()
 def _forward(module: nn.Module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 

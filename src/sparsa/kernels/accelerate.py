@@ -103,7 +103,8 @@ def accelerate(
         layer = SparseLinear24.from_linear(module, name, keep_dense=keep_dense)
         model.set_submodule(name, layer)
         report["replaced"].append(name)
-        for t in tokens:
-            layer.route(t)
+        with torch.cuda.device(module.weight.device):  # a model split over GPUs: measure each layer on its own
+            for t in tokens:
+                layer.route(t)
     report["accelerated"] = True
     return report

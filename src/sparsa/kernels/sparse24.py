@@ -63,6 +63,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError, require
 from ..prune.patterns import check_nm
+from .devices import on_input_device
 from .cusparselt import ALIGN_M, ALIGN_ROWS
 
 if TYPE_CHECKING:
@@ -362,7 +363,7 @@ class SparseLinear24(nn.Module):
             weight.is_cuda,
             f"{_label(name)} is on {weight.device}; 2:4 kernels need a CUDA GPU: move the model to cuda first",
         )
-        with torch.no_grad():
+        with torch.no_grad(), torch.cuda.device(weight.device):
             compressed = compress_24(weight, name)
             bias = None if linear.bias is None else linear.bias.detach()
             cslt = None
@@ -489,6 +490,7 @@ class SparseLinear24(nn.Module):
                 self._routes[key] = route
         return route
 
+    @on_input_device()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         key = (x.shape, x.dtype, x.get_device())
         bound = self._bound.get(key)
