@@ -98,3 +98,12 @@ def test_cuts_follow_threshold_updates_and_round_as_the_gemv_stores():
     assert torch.equal(Site("s", linear, "input", None, threshold=t).cut(kept, track=False), kept)
     assert not prepare_cut(float("nan"), torch.bfloat16)(torch.ones(4, dtype=torch.bfloat16)).any()
     assert not prepare_cut(torch.full((4,), float("nan")), torch.float32)(torch.ones(4)).any()
+
+
+@pytest.mark.parametrize("threshold", [0.5, torch.tensor([0.5, 0.2, 0.9, 0.1]), float("nan"), None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_inputs_pass_every_cut(threshold, dtype):
+    """A NaN input stays NaN through the cut, as the GEMV keeps it (a broken model shows, whatever the thresholds)."""
+    x = torch.tensor([float("nan"), 0.05, float("nan"), 3.0], dtype=dtype)
+    out = prepare_cut(threshold, dtype)(x)
+    assert out[[0, 2]].isnan().all() and not out[[1, 3]].isnan().any()

@@ -66,9 +66,9 @@ def test_wina_scores_weigh_columns(power, tiny, tokenizer):
         p = handle.config.weight_power
         assert p == 1.0 if power == 1.0 else p in WEIGHT_POWERS
         site = handle.sites[0]
-        x = torch.ones(1, site.module.weight.shape[1])
         norms = site.module.weight.norm(dim=0)
-        assert torch.allclose(site.score(x)[0], norms.pow(p), rtol=1e-5)
+        scale = torch.ones_like(norms) if site.scale is None else site.scale  # p = 0 leaves |x_j| unweighted
+        assert torch.allclose(scale, norms.pow(p), rtol=1e-5)
     finally:
         handle.remove()
 
@@ -161,6 +161,12 @@ for dtype in (torch.float32, torch.float16, torch.bfloat16):
             assert out_t[0].abs().max() == 0
         assert err < (1e-6 if dtype == torch.float32 else 1e-2), (dtype, m, n, k, err)
         worst = max(worst, err)
+        # a NaN input reaches its token's outputs (as through the cut and a dense product), under any threshold
+        xn = x.clone()
+        xn[-1, k // 2] = float("nan")
+        for t in (thr, torch.full((k,), float("nan"))):
+            out_n = sparse_gemv(xn, transpose_weight(w), threshold=t, config=config)
+            assert out_n[-1].isnan().all() and not out_n[:-1].isnan().any(), (dtype, m)
 print(f"gemv interpreter ok, worst {worst:.2e}")
 """
 

@@ -85,9 +85,6 @@ class Site:
     total: int = 0
     _cut: tuple | None = dataclasses.field(default=None, repr=False, compare=False)  # (threshold, scale, (dtype, device), Cut)
 
-    def score(self, x: torch.Tensor) -> torch.Tensor:
-        return x.abs() if self.scale is None else x.abs() * self.scale.to(x.device, x.dtype)
-
     def channel_thresholds(self, channels: int) -> torch.Tensor:
         """float32 ``[channels]`` thresholds on ``|x_j|`` itself: what a fused kernel compares."""
         require(self.threshold is not None, f"{self.name} is not calibrated yet")

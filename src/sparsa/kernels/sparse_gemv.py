@@ -6,7 +6,9 @@ once (``wt = W^T``, ``[K, N]`` row-major, i.e. W column-major), that column
 is one contiguous row of ``wt``. The selection is fused: a channel is active
 where ``|x_k| >= threshold_k`` (a per-channel threshold, which is how both a
 plain magnitude cut and a weight-informed score ``|x_k| * ||W[:, k]||`` are
-expressed), or where ``x_k != 0`` without thresholds.
+expressed), or where ``x_k != 0`` without thresholds. A NaN input is
+always active, so that it reaches the output as it would through the cut
+and a dense product (a broken model shows, whatever the thresholds).
 
 Work split: a program owns one ``[BLOCK_K, BLOCK_N]`` tile of ``wt`` for one
 token. It loads its ``BLOCK_K`` inputs and thresholds, then the whole tile in
@@ -62,7 +64,8 @@ if HAVE_TRITON:
         k_ok = offs_k < K
         x = tl.load(x_ptr + m * stride_xm + offs_k, mask=k_ok, other=0.0).to(tl.float32)
         if HAS_THR:
-            active = tl.abs(x) >= tl.load(thr_ptr + offs_k, mask=k_ok, other=float("inf"))
+            # a NaN input stays (x != x): it reaches the output, as it does through the cut and a dense product
+            active = (tl.abs(x) >= tl.load(thr_ptr + offs_k, mask=k_ok, other=float("inf"))) | (x != x)
             x = tl.where(active, x, 0.0)
         else:
             active = x != 0.0
@@ -121,7 +124,7 @@ def sparse_gemv(x: torch.Tensor, wt: torch.Tensor, bias: torch.Tensor | None = N
                 threshold: torch.Tensor | None = None, config: GemvConfig | None = None) -> torch.Tensor:
     """``(x * keep) [M, K] @ W^T (+ bias)`` reading only the rows of ``wt = W^T`` whose channel is active; ``M <= 8``.
 
-    ``threshold`` (float32 ``[K]``) keeps channel ``k`` where ``|x_k| >= threshold[k]``;
+    ``threshold`` (float32 ``[K]``) keeps channel ``k`` where ``|x_k| >= threshold[k]`` (or ``x_k`` is NaN);
     without it, the nonzero channels are active.
     """
     if not HAVE_TRITON:
