@@ -6,12 +6,16 @@ import math
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from sparsa.attention import BACKENDS, PATTERNS, apply, attend, make_pattern, remove
 from sparsa.attention import masks as M
 from sparsa.errors import InputError
+from sparsa.models.adapters import cache_keyword, returned_cache
 
 from conftest import tiny_llama_config
+
+CACHE = cache_keyword(LlamaForCausalLM)  # how this transformers version's forward takes the KV cache
 
 # settings that keep every causal block (each pattern at full density)
 FULL = {
@@ -219,11 +223,11 @@ def test_hf_streaming_decode_slices_equal_the_block_mask(tiny_llama, monkeypatch
     def decode(steps=4):
         cache = DynamicCache()
         with torch.no_grad():
-            out = tiny_llama(ids, past_key_values=cache, use_cache=True)
+            out = tiny_llama(ids, **{CACHE: cache}, use_cache=True)
             logits, densities = [], []
             for _ in range(steps):
                 nxt = out.logits[:, -1:].argmax(-1)
-                out = tiny_llama(nxt, past_key_values=cache, use_cache=True)
+                out = tiny_llama(nxt, **{CACHE: cache}, use_cache=True)
                 logits.append(out.logits)
                 densities.append(float(tiny_llama.model.layers[0].self_attn.sparsa_last_density))
         return torch.cat(logits, 1), densities
@@ -242,11 +246,11 @@ def greedy_steps(model, ids, cache, steps: int):
     the first layer's attention density at each step."""
     logits, densities = [], []
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(ids.shape[1]))
+        out = model(ids, **{CACHE: cache}, use_cache=True, cache_position=torch.arange(ids.shape[1]))
         for step in range(steps):
             nxt = out.logits[:, -1:].argmax(-1)
             position = torch.tensor([ids.shape[1] + step])
-            out = model(nxt, past_key_values=cache, use_cache=True, cache_position=position)
+            out = model(nxt, **{CACHE: cache}, use_cache=True, cache_position=position)
             logits.append(out.logits)
             densities.append(float(model.model.layers[0].self_attn.sparsa_last_density))
     return torch.cat(logits, 1), densities
@@ -281,7 +285,7 @@ def test_hf_streaming_decode_counts_blocks_from_a_padded_rows_first_token(tiny_l
         out = tiny_llama(ids, attention_mask=mask[:, :-1], position_ids=positions[:, :-1], use_cache=True)
         nxt = torch.tensor([[7], [9]])
         apply(tiny_llama, "streaming", **streaming)
-        step = tiny_llama(nxt, attention_mask=mask, position_ids=positions[:, -1:], past_key_values=out.past_key_values,
+        step = tiny_llama(nxt, attention_mask=mask, position_ids=positions[:, -1:], **{CACHE: returned_cache(out)},
                           use_cache=True).logits[:, -1]
         assert float(tiny_llama.model.layers[0].self_attn.sparsa_last_density) < 1.0
         alone = []
@@ -289,7 +293,7 @@ def test_hf_streaming_decode_counts_blocks_from_a_padded_rows_first_token(tiny_l
             remove(tiny_llama)
             o = tiny_llama(ids[row:row + 1, start:], use_cache=True)
             apply(tiny_llama, "streaming", **streaming)
-            alone.append(tiny_llama(nxt[row:row + 1], past_key_values=o.past_key_values, use_cache=True).logits[:, -1])
+            alone.append(tiny_llama(nxt[row:row + 1], **{CACHE: returned_cache(o)}, use_cache=True).logits[:, -1])
     remove(tiny_llama)
     assert (step - torch.cat(alone)).abs().max() < 1e-4
 
@@ -309,7 +313,7 @@ def test_hf_streaming_decode_follows_a_mask_updated_in_place(tiny_llama, inner):
         mask = torch.zeros(1, 1, 1, 200, dtype=torch.bool)
         logits = []
         with torch.no_grad():
-            tiny_llama(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(150))
+            tiny_llama(ids, **{CACHE: cache}, use_cache=True, cache_position=torch.arange(150))
             for step in range(steps.shape[1]):
                 position = 150 + step
                 if reuse:
@@ -319,7 +323,7 @@ def test_hf_streaming_decode_follows_a_mask_updated_in_place(tiny_llama, inner):
                     given = torch.zeros(1, 1, 1, 200, dtype=torch.bool)
                     given[..., : position + 1] = True
                 out = (tiny_llama.model if inner else tiny_llama)(
-                    steps[:, step:step + 1], attention_mask=given, past_key_values=cache, use_cache=True,
+                    steps[:, step:step + 1], attention_mask=given, **{CACHE: cache}, use_cache=True,
                     cache_position=torch.tensor([position]), position_ids=torch.tensor([[position]]))
                 logits.append(out.last_hidden_state if inner else out.logits)
         return torch.cat(logits, 1)
@@ -426,20 +430,20 @@ def test_hf_quest_decode_counts_pages_from_a_padded_rows_first_token(tiny_llama)
     apply(tiny_llama, "quest", min_len=1, block_size=BLOCK, pages=2)
     with torch.no_grad():
         cache = StaticCache(config=tiny_llama.config, max_cache_len=256)
-        tiny_llama(ids, attention_mask=mask[:, :190], position_ids=positions[:, :190], past_key_values=cache,
+        tiny_llama(ids, attention_mask=mask[:, :190], position_ids=positions[:, :190], **{CACHE: cache},
                    use_cache=True, cache_position=torch.arange(190))
         batched = []
         for i, token in enumerate(tokens):
             at = 190 + i
             batched.append(tiny_llama(token, attention_mask=mask[:, :at + 1], position_ids=positions[:, at:at + 1],
-                                      past_key_values=cache, use_cache=True, cache_position=torch.tensor([at])).logits[:, -1])
+                                      **{CACHE: cache}, use_cache=True, cache_position=torch.tensor([at])).logits[:, -1])
         assert float(tiny_llama.model.layers[0].self_attn.sparsa_last_density) < 1.0
         alone = []
         for row, start in ((0, 0), (1, pad)):
             o = tiny_llama(ids[row:row + 1, start:], use_cache=True)
             got = []
             for token in tokens:
-                o = tiny_llama(token[row:row + 1], past_key_values=o.past_key_values, use_cache=True)
+                o = tiny_llama(token[row:row + 1], **{CACHE: returned_cache(o)}, use_cache=True)
                 got.append(o.logits[:, -1])
             alone.append(got)
     remove(tiny_llama)
@@ -459,7 +463,7 @@ def test_hf_quest_keeps_its_bounds_only_while_their_cache_lives(tiny_llama):
     kept = lambda: tiny_llama.model.layers[0].self_attn.sparsa_state["quest"]  # noqa: E731
     caches = [StaticCache(config=tiny_llama.config, max_cache_len=160) for _ in range(2)]
     with torch.enable_grad():
-        tiny_llama(ids, past_key_values=caches[0], use_cache=True, cache_position=torch.arange(100))
+        tiny_llama(ids, **{CACHE: caches[0]}, use_cache=True, cache_position=torch.arange(100))
     assert len(kept()) == 1 and not next(iter(kept().values())).lo.requires_grad
     with torch.no_grad():
         greedy_steps(tiny_llama, ids, caches[1], 2)

@@ -9,6 +9,7 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 pytest.importorskip("triton")
 
 from sparsa.attention import attend, make_pattern  # noqa: E402
+from sparsa.models.adapters import cache_keyword  # noqa: E402
 
 SETTINGS = {
     "streaming": dict(local_blocks=2),
@@ -211,10 +212,10 @@ def test_hf_streaming_decode_over_a_static_cache_runs_the_slot_kernel():
     def decode(cache):
         logits = []
         with torch.no_grad():
-            out = model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(300, device="cuda"))
+            out = model(ids, **{cache_keyword(model): cache}, use_cache=True, cache_position=torch.arange(300, device="cuda"))
             for step in range(4):  # the same tokens for both caches: bf16 rounding may not steer them apart
                 nxt = ids[:, step:step + 1]
-                out = model(nxt, past_key_values=cache, use_cache=True, cache_position=torch.tensor([300 + step], device="cuda"))
+                out = model(nxt, **{cache_keyword(model): cache}, use_cache=True, cache_position=torch.tensor([300 + step], device="cuda"))
                 logits.append(out.logits.float())
         return torch.cat(logits, 1)
 
@@ -256,9 +257,9 @@ def test_hf_quest_decode_over_a_static_cache_runs_the_slot_kernel():
     def decode(cache, steps=4):
         logits = []
         with torch.no_grad():
-            model(ids, past_key_values=cache, use_cache=True, cache_position=torch.arange(300, device="cuda"))
+            model(ids, **{cache_keyword(model): cache}, use_cache=True, cache_position=torch.arange(300, device="cuda"))
             for step in range(steps):  # the same tokens for both caches
-                out = model(ids[:, step:step + 1], past_key_values=cache, use_cache=True,
+                out = model(ids[:, step:step + 1], **{cache_keyword(model): cache}, use_cache=True,
                             cache_position=torch.tensor([300 + step], device="cuda"))
                 logits.append(out.logits.float())
         return torch.cat(logits, 1)

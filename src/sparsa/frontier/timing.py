@@ -23,6 +23,7 @@ import statistics
 
 import torch
 
+from ..models.adapters import cache_keyword, returned_cache
 from .config import Settings
 
 __all__ = ["MEASURE_ROUNDS", "GraphDecoder", "eager_decode", "measure"]
@@ -53,14 +54,15 @@ def eager_decode(model, ctx: torch.Tensor, steps: int) -> tuple[list[int], float
     """Greedy decoding after ``ctx`` with a growing cache, one forward per step: the tokens picked, and the
     milliseconds the ``steps`` steps took (the prefill of ``ctx`` before them is not timed)."""
     out = model(input_ids=ctx, use_cache=True)
-    past, token, tokens = out.past_key_values, out.logits[:, -1:].argmax(-1), []
+    past, token, tokens = returned_cache(out), out.logits[:, -1:].argmax(-1), []
+    keyword = cache_keyword(model)
 
     def run() -> None:
         nonlocal out, past, token
         for _ in range(steps):
             tokens.append(token)
-            out = model(input_ids=token, past_key_values=past, use_cache=True)
-            past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=token, use_cache=True, **{keyword: past})
+            past, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
 
     ms = _events_ms(run)
     return [int(t) for t in torch.cat(tokens, dim=1)[0]], ms
@@ -81,6 +83,7 @@ class GraphDecoder:
         from transformers import StaticCache
 
         self.model, self.ctx, self.steps = model, ctx, steps
+        self.keyword = cache_keyword(model)
         self.cache = StaticCache(config=model.config, max_cache_len=ctx.shape[1] + steps + self.WARM_STEPS + 1)
         self.token = torch.zeros((1, 1), dtype=torch.long, device=ctx.device)
         self.position = torch.zeros((1,), dtype=torch.long, device=ctx.device)
@@ -98,14 +101,14 @@ class GraphDecoder:
         self.start()  # the capture recorded the step without running it; begin again from the context
 
     def _step(self) -> None:
-        out = self.model(input_ids=self.token, past_key_values=self.cache, cache_position=self.position, use_cache=True)
+        out = self.model(input_ids=self.token, cache_position=self.position, use_cache=True, **{self.keyword: self.cache})
         self.token.copy_(out.logits[:, -1:].argmax(-1))
         self.position.add_(1)
 
     def start(self) -> None:
         self.cache.reset()
         length = self.ctx.shape[1]
-        out = self.model(input_ids=self.ctx, past_key_values=self.cache, use_cache=True,
+        out = self.model(input_ids=self.ctx, use_cache=True, **{self.keyword: self.cache},
                          cache_position=torch.arange(length, device=self.ctx.device))
         self.token.copy_(out.logits[:, -1:].argmax(-1))
         self.position.fill_(length)

@@ -7,6 +7,7 @@ linear layers inside each.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch.nn as nn
@@ -64,6 +65,18 @@ def linear_layers(module: nn.Module, prefix: str = "") -> dict[str, nn.Linear]:
         for name, m in module.named_modules()
         if isinstance(m, nn.Linear)
     }
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword ``model``'s forward takes its KV cache by: ``cache`` (transformers 5.25 renamed it and drops the
+    old name in 5.40) or ``past_key_values`` (earlier versions)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a forward returned (``out.cache``, or ``out.past_key_values`` before transformers 5.25)."""
+    cache = getattr(out, "cache", None)
+    return getattr(out, "past_key_values", None) if cache is None else cache
 
 
 def _get(obj: object, path: str):

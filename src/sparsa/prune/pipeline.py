@@ -183,7 +183,8 @@ def capture_layer_inputs(model: nn.Module, samples: torch.Tensor, device: str, m
         def forward(hidden_states, *args, **kwargs):
             if index == 0:
                 hidden.append(hidden_states)
-            kwargs.pop("past_key_values", None)
+            kwargs.pop("past_key_values", None)  # the cache, by its name before transformers 5.25 and after
+            kwargs.pop("cache", None)
             kwargs["use_cache"] = False
             layer_kwargs[index].append(kwargs)
             if index == len(layers) - 1:
