@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM
+from transformers import DynamicCache, LlamaForCausalLM, StaticCache
 
 from sparsa.attention import BACKENDS, PATTERNS, apply, attend, make_pattern, remove
 from sparsa.attention import masks as M
@@ -170,8 +170,6 @@ def test_bad_settings_are_one_line_errors():
 
 @pytest.fixture()
 def tiny_llama():
-    from transformers import LlamaForCausalLM
-
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(256, max_position_embeddings=1024)).eval()
     return model
@@ -213,7 +211,6 @@ def test_hf_sparse_heads_leave_the_shared_streaming_mask_alone(tiny_llama):
 @pytest.mark.parametrize("sink,local", [(1, 2), (0, 3), (2, 100)])
 def test_hf_streaming_decode_slices_equal_the_block_mask(tiny_llama, monkeypatch, sink, local):
     """A streaming decode step attends slices of the cache; it computes what the block mask does."""
-    from transformers import DynamicCache
 
     from sparsa.attention.streaming import Streaming
 
@@ -259,7 +256,6 @@ def greedy_steps(model, ids, cache, steps: int):
 @pytest.mark.parametrize("sink,local", [(1, 2), (0, 3), (2, 100)])
 def test_hf_streaming_decode_over_a_static_cache_gathers_what_the_slices_keep(tiny_llama, sink, local):
     """Under a static cache's mask a decode step finds its slots on the device; it equals the dynamic cache's slices."""
-    from transformers import DynamicCache, StaticCache
 
     ids = torch.randint(0, 256, (1, 200), generator=torch.Generator().manual_seed(4))
     apply(tiny_llama, "streaming", min_len=1, block_size=BLOCK, sink_blocks=sink, local_blocks=local)
@@ -302,7 +298,6 @@ def test_hf_streaming_decode_counts_blocks_from_a_padded_rows_first_token(tiny_l
 def test_hf_streaming_decode_follows_a_mask_updated_in_place(tiny_llama, inner):
     """The slots are found once per forward pass, not once per mask object: a caller that updates one mask tensor
     in place from step to step decodes as one that passes a fresh mask each time, through the model or its body."""
-    from transformers import StaticCache
 
     ids = torch.randint(0, 256, (1, 150), generator=torch.Generator().manual_seed(6))
     steps = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(7))
@@ -388,7 +383,6 @@ def test_hf_quest_decoding_with_every_page_equals_dense(tiny_llama):
 def test_hf_quest_decode_over_a_static_cache_chooses_what_the_dynamic_cache_chooses(tiny_llama, pages):
     """Under a static cache quest keeps page bounds from step to step and chooses on the device; its steps equal
     the dynamic cache's, which bound every page from the keys each step (grouped heads: 4 query, 2 key-value)."""
-    from transformers import DynamicCache, StaticCache
 
     ids = torch.randint(0, 256, (1, 220), generator=torch.Generator().manual_seed(8))
     apply(tiny_llama, "quest", min_len=1, block_size=BLOCK, pages=pages)
@@ -418,7 +412,6 @@ def test_hf_quest_decode_over_a_static_cache_chooses_what_the_dynamic_cache_choo
 def test_hf_quest_decode_counts_pages_from_a_padded_rows_first_token(tiny_llama):
     """A left-padded row decodes under quest as the same row alone: its pages start at its first token (the
     steps reach a page start of each row: offsets 192 and 160)."""
-    from transformers import StaticCache
 
     gen = torch.Generator().manual_seed(9)
     ids = torch.randint(0, 256, (2, 190), generator=gen)
@@ -455,8 +448,6 @@ def test_hf_quest_keeps_its_bounds_only_while_their_cache_lives(tiny_llama):
     """Page bounds are kept per cache, made without autograd history even when the prefill tracks gradients,
     and let go when the cache is freed."""
     import gc
-
-    from transformers import StaticCache
 
     ids = torch.randint(0, 256, (1, 100), generator=torch.Generator().manual_seed(11))
     apply(tiny_llama, "quest", min_len=1, block_size=BLOCK, pages=2)

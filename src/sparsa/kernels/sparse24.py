@@ -63,8 +63,8 @@ import torch.nn.functional as F
 
 from ..errors import InputError, require
 from ..prune.patterns import check_nm
-from .devices import on_input_device
 from .cusparselt import ALIGN_M, ALIGN_ROWS
+from .devices import on_input_device
 
 if TYPE_CHECKING:
     from .cusparselt import CsltWeight
